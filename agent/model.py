@@ -1,0 +1,140 @@
+"""Frozen value types shared by every layer: addresses, allow entries, kernel elements.
+
+Values validate in their constructor, so an invalid one cannot exist; this module does no I/O
+and knows nothing of configuration (``agent.policy`` turns untrusted text into these values).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import unicodedata
+from dataclasses import dataclass
+
+from agent.errors import InvalidArgument
+
+SUBJECT_MAX_CHARS = 64
+ELEMENT_COMMENT_MAX_BYTES = 128
+# Unicode categories a subject must not contain: controls, format characters, line and paragraph
+# separators (PROTOCOL.md "Subject"); everything else, quotes and ';' included, is ordinary text.
+FORBIDDEN_SUBJECT_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def check_subject(subject: str) -> str:
+    """Return ``subject`` unchanged if it is a valid subject, else raise ``invalid_subject``."""
+    if len(subject) > SUBJECT_MAX_CHARS:
+        raise InvalidArgument(
+            "invalid_subject", f"subject has {len(subject)} characters, at most 64 allowed"
+        )
+    for ch in subject:
+        if unicodedata.category(ch) in FORBIDDEN_SUBJECT_CATEGORIES:
+            raise InvalidArgument(
+                "invalid_subject",
+                f"subject contains control/format character U+{ord(ch):04X}",
+            )
+    return subject
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """A normalised allow address: a bare IPv4/IPv6 address, or an IPv6 /64 prefix.
+
+    ``text`` is the normal form used in results and state ("198.18.0.7", "2001:db8::1",
+    "2001:db8:1:2::/64"). Construct through ``agent.policy.normalize_address``.
+    """
+
+    text: str
+
+    def __post_init__(self) -> None:
+        net = ipaddress.ip_network(self.text, strict=True)
+        expected = (
+            str(net.network_address) if net.prefixlen == net.max_prefixlen else net.compressed
+        )
+        if expected != self.text:
+            raise ValueError(f"Address {self.text!r} is not in normal form ({expected!r})")
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.text)
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return 4 if ":" not in self.text else 6
+
+    @property
+    def prefixlen(self) -> int:
+        return self.network.prefixlen
+
+    @property
+    def element(self) -> str:
+        """The value stored in the kernel set.
+
+        A /64 entry is stored as its network address in a plain (non-interval) set, and the
+        rule masks the packet's source to /64 before the lookup: cheaper than an interval set
+        and immune to the overlap/partial-delete pitfalls of interval sets.
+        """
+        return str(self.network.network_address)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    """A validated request to admit ``address`` to ``profile`` for ``ttl_seconds``."""
+
+    address: Address
+    profile: str
+    ttl_seconds: int
+    subject: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive after defaulting")
+        if not self.profile:
+            raise ValueError("profile must be resolved before an AllowEntry is made")
+        check_subject(self.subject)
+
+    @property
+    def key(self) -> EntryKey:
+        return EntryKey(self.profile, self.address)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EntryKey:
+    """What identifies an entry: one address in one profile."""
+
+    profile: str
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    """One element to write into a kernel allow set."""
+
+    key: EntryKey
+    timeout_s: int
+    comment: str
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            # An add without a timeout turns an existing timed element into a permanent one on
+            # Debian 12's kernel (RULESET.md), so a non-positive timeout is a programming error.
+            raise ValueError("every element needs an explicit positive timeout")
+        if len(self.comment.encode()) > ELEMENT_COMMENT_MAX_BYTES:
+            # libnftables' JSON path drops 253-byte comments and exit()s the process at 254+.
+            raise ValueError("element comments are limited to 128 bytes of UTF-8")
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedElement:
+    """One element as the kernel reports it: whole seconds, as libnftables lists them."""
+
+    key: EntryKey
+    timeout_s: int
+    expires_s: int
+    comment: str
+
+
+class ChangeKind(enum.Enum):
+    ADD = "add"
+    REFRESH = "refresh"
+    REMOVE = "remove"

@@ -1,0 +1,193 @@
+"""Pure validation and normalisation of untrusted request fields (PROTOCOL.md "Precise rules").
+
+Turns text from callers into ``agent.model`` values or raises ``InvalidArgument`` with a stable
+reason word. No I/O and no knowledge of where the text came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agent.errors import InvalidArgument
+from agent.model import Address, AllowEntry, check_subject
+
+DEFAULT_TTL_SECONDS = 86400
+
+# The documentation and benchmarking ranges a config may permit for tests and demos.
+TEST_RANGES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.ip_network("192.0.2.0/24"),
+    ipaddress.ip_network("198.51.100.0/24"),
+    ipaddress.ip_network("203.0.113.0/24"),
+    ipaddress.ip_network("198.18.0.0/15"),
+    ipaddress.ip_network("2001:db8::/32"),
+)
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_DECIMAL = re.compile(r"[0-9]+")
+_HEX_GROUP = re.compile(r"[0-9A-Fa-f]{1,4}")
+
+
+@dataclass(frozen=True, slots=True)
+class AddressPolicy:
+    """Which addresses an agent admits.
+
+    ``ipv6_prefix`` is 128 (single addresses) or 64 (every IPv6 entry is its /64: softphones on
+    privacy addresses change the low 64 bits, so operators often grant the whole /64). IPv4 is
+    always per address (/32).
+    """
+
+    ipv6_prefix: int = 64
+    permit_test_ranges: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ipv6_prefix not in (64, 128):
+            raise ValueError("ipv6_prefix must be 64 or 128")
+
+
+@dataclass(frozen=True, slots=True)
+class TtlBounds:
+    minimum: int = 60
+    maximum: int = 604800
+    default: int = DEFAULT_TTL_SECONDS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.minimum <= self.default <= self.maximum:
+            raise ValueError("TTL bounds need 1 <= minimum <= default <= maximum")
+
+
+def _refuse(reason: str, text: str, why: str) -> InvalidArgument:
+    return InvalidArgument(reason, f"{text!r}: {why}")
+
+
+def _check_lexical(text: str) -> None:
+    """Refuse the spellings ``ipaddress`` would accept but the protocol forbids."""
+    if text != text.strip() or not text:
+        raise _refuse("invalid_address", text, "empty or surrounded by white space")
+    if "%" in text:
+        raise _refuse("invalid_address", text, "zone ids are not accepted")
+    addr, _, plen = text.partition("/")
+    if "/" in text and not (_DECIMAL.fullmatch(plen) and (plen == "0" or plen[0] != "0")):
+        raise _refuse("invalid_address", text, "prefix length must be a decimal without leading 0")
+    if ":" in addr:
+        head, _, tail = addr.rpartition(":")
+        groups = [g for g in head.split(":") if g]
+        if "." in tail:
+            _check_ipv4_octets(text, tail)
+        elif tail:
+            groups.append(tail)
+        for g in groups:
+            if not _HEX_GROUP.fullmatch(g) or (len(g) > 1 and g[0] == "0"):
+                raise _refuse("invalid_address", text, f"group {g!r} has leading zeros or junk")
+    else:
+        _check_ipv4_octets(text, addr)
+
+
+def _check_ipv4_octets(text: str, dotted: str) -> None:
+    for octet in dotted.split("."):
+        if not _DECIMAL.fullmatch(octet) or (len(octet) > 1 and octet[0] == "0"):
+            raise _refuse("invalid_address", text, f"octet {octet!r} has leading zeros or junk")
+
+
+def _within(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    outer: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> bool:
+    if isinstance(net, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return net.subnet_of(outer)
+    if isinstance(net, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return net.subnet_of(outer)
+    return False
+
+
+def _is_admissible(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network, policy: AddressPolicy
+) -> bool:
+    if net.is_multicast:
+        return False
+    if policy.permit_test_ranges and any(_within(net, r) for r in TEST_RANGES):
+        return True
+    # Python 3.11's is_global: the protocol defines "global unicast" by it, minus multicast
+    # (which 3.11 calls global).
+    return net.network_address.is_global and net.broadcast_address.is_global
+
+
+def normalize_address(text: str, policy: AddressPolicy) -> Address:
+    """Validate ``text`` and return its normal form, or raise ``InvalidArgument``.
+
+    ``a.b.c.d/32`` and ``x::y/128`` mean the bare address; an IPv4-mapped IPv6 address is its
+    IPv4 address; under a /64 policy an IPv6 address or longer prefix becomes its /64.
+    """
+    _check_lexical(text)
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError as exc:
+        raise _refuse("invalid_address", text, "not an address or prefix") from exc
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network = iface.network
+    if iface.ip != net.network_address:
+        raise _refuse("host_bits_set", text, f"prefix has host bits set (did you mean {net}?)")
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_IPV4_MAPPED):
+        if net.prefixlen != 128:
+            raise _refuse("prefix_too_short", text, "an IPv4-mapped entry must be one address")
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        net = ipaddress.ip_network(mapped)
+    if net.version == 4:
+        if net.prefixlen != 32:
+            raise _refuse("prefix_too_short", text, "IPv4 entries are single addresses (/32)")
+    elif net.prefixlen < policy.ipv6_prefix:
+        raise _refuse(
+            "prefix_too_short", text, f"IPv6 prefixes must be /{policy.ipv6_prefix} or longer"
+        )
+    if not _is_admissible(net, policy):
+        raise _refuse("address_not_global", text, "not a global unicast address")
+    if net.version == 6 and policy.ipv6_prefix == 64:
+        wide = ipaddress.ip_network((net.network_address, 64), strict=False)
+        return Address(wide.compressed)
+    return Address(str(net.network_address))
+
+
+def resolve_ttl(ttl_seconds: int, bounds: TtlBounds) -> int:
+    """0 means the default; anything else must lie within the bounds."""
+    if ttl_seconds == 0:
+        return bounds.default
+    if not bounds.minimum <= ttl_seconds <= bounds.maximum:
+        raise InvalidArgument(
+            "invalid_ttl",
+            f"ttl_seconds {ttl_seconds} outside {bounds.minimum}..{bounds.maximum} (0 = default)",
+        )
+    return ttl_seconds
+
+
+def resolve_profile(name: str, profiles: Iterable[str], default: str) -> str:
+    """Empty means the default profile; anything else must be configured."""
+    if not name:
+        return default
+    known = tuple(profiles)
+    if name not in known:
+        raise InvalidArgument(
+            "unknown_profile", f"profile {name!r} is not configured (known: {', '.join(known)})"
+        )
+    return name
+
+
+def make_allow_entry(
+    *,
+    address: str,
+    ttl_seconds: int,
+    subject: str,
+    profile: str,
+    policy: AddressPolicy,
+    bounds: TtlBounds,
+    profiles: Iterable[str],
+    default_profile: str,
+) -> AllowEntry:
+    """Validate every field of one requested entry and build the ``AllowEntry``."""
+    return AllowEntry(
+        address=normalize_address(address, policy),
+        profile=resolve_profile(profile, profiles, default_profile),
+        ttl_seconds=resolve_ttl(ttl_seconds, bounds),
+        subject=check_subject(subject),
+    )
