@@ -21,6 +21,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/vicifast-agent/agent.toml")
 PROTOCOLS = ("tcp", "udp")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,15}")
 _AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# ASCII digits only: str.isdigit() also accepts superscripts and other scripts' digits.
+_PORT_RANGE = re.compile(r"(?P<first>[0-9]{1,5})(?:-(?P<last>[0-9]{1,5}))?/(?P<proto>tcp|udp)")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -226,13 +229,11 @@ def _parse_list(
 
 
 def _parse_port_range(text: str) -> PortRange:
-    ports, slash, proto = text.partition("/")
-    if not slash or proto not in PROTOCOLS:
+    m = _PORT_RANGE.fullmatch(text)
+    if not m:
         raise ValueError(text)
-    first, _, last = ports.partition("-")
-    if not first.isdigit() or (last and not last.isdigit()):
-        raise ValueError(text)
-    return PortRange(proto, int(first), int(last or first))
+    first = int(m["first"])
+    return PortRange(m["proto"], first, int(m["last"]) if m["last"] else first)
 
 
 def _parse_network(text: str) -> IPNetwork:
@@ -248,11 +249,10 @@ _PORTS = "strings like '5060/udp' or '8088-8089/tcp'"
 
 def _parse_listen(sec: _Section, name: str, default: str) -> tuple[str, int]:
     text = sec.get(name, str, default, "'HOST:PORT', e.g. '[::]:7443' or '127.0.0.1:9617'")
-    host, colon, port = text.rpartition(":")
-    valid_host = (host.startswith("[") and host.endswith("]")) or (host and ":" not in host)
-    if not colon or not valid_host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    m = _HOST_PORT.fullmatch(text)
+    if not m or not 1 <= int(m["port"]) <= 65535:
         raise ConfigError(sec.key(name), f"got {text!r}; expected 'HOST:PORT' with a port 1-65535")
-    return text, int(port)
+    return text, int(m["port"])
 
 
 def _profiles(root: _Section) -> tuple[tuple[Profile, ...], str]:

@@ -141,12 +141,14 @@ def normalize_address(text: str, policy: AddressPolicy) -> Address:
         raise _refuse(
             "prefix_too_short", text, f"IPv6 prefixes must be /{policy.ipv6_prefix} or longer"
         )
+    if net.version == 6 and policy.ipv6_prefix == 64:
+        # Judge what the entry really admits: the whole /64, not the address it was asked for.
+        net = ipaddress.ip_network((net.network_address, 64), strict=False)
     if not _is_admissible(net, policy):
         raise _refuse("address_not_global", text, "not a global unicast address")
-    if net.version == 6 and policy.ipv6_prefix == 64:
-        wide = ipaddress.ip_network((net.network_address, 64), strict=False)
-        return Address(wide.compressed)
-    return Address(str(net.network_address))
+    if net.prefixlen == net.max_prefixlen:
+        return Address(str(net.network_address))
+    return Address(net.compressed)
 
 
 def resolve_ttl(ttl_seconds: int, bounds: TtlBounds) -> int:

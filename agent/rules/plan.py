@@ -44,9 +44,10 @@ def plan_changes(
     up_keys = {e.key for e in ups}
     if len(up_keys) != len(ups):
         raise ValueError("an element is upserted twice in one plan")
-    rem = [k for k in dict.fromkeys(removals) if k in present]
-    if up_keys.intersection(rem):
+    asked = list(dict.fromkeys(removals))
+    if up_keys.intersection(asked):
         raise ValueError("an element is both upserted and removed in one plan")
+    rem = [k for k in asked if k in present]
     return ElementPlan(
         adds=tuple(e for e in ups if e.key not in present),
         refreshes=tuple(e for e in ups if e.key in present),
