@@ -14,12 +14,14 @@ from pathlib import Path
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.errors import ConfigError
+from agent.rpc.signing import trusted_keys_from_config
 
 
 def _check_config(args: argparse.Namespace) -> int:
     path = Path(args.path)
     try:
         cfg = load_config(path)
+        trusted_keys_from_config(cfg.signing.trusted_keys)  # base64 Ed25519 keys, named by key
     except ConfigError as exc:
         if args.json:
             print(
@@ -45,6 +47,13 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    # Lazy: the daemon's imports (grpc, sqlite) stay out of the quick commands.
+    from agent.daemon import run  # noqa: PLC0415
+
+    return run(Path(args.config))
+
+
 def _version(args: argparse.Namespace) -> int:
     print(json.dumps({"version": __version__}) if args.json else f"vicifast-agent {__version__}")
     return 0
@@ -61,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default=str(DEFAULT_CONFIG_PATH))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_check_config)
+
+    p = sub.add_parser("run", help="run the daemon (systemd starts this)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    p.set_defaults(handler=_run)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true")

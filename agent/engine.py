@@ -1,0 +1,540 @@
+"""The single writer of the allow state: replay, ordering, group commit, state_version, events.
+
+Owns the order of a change - replay check -> decide -> write intent -> one kernel transaction ->
+commit -> answer - and is the only code that changes the store or the table's elements. Requests
+that arrive together are folded into one kernel transaction and one SQLite commit; each caller
+still gets its own result. Never speaks gRPC: the service hands in validated commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from agent.errors import AgentError, AlreadyExists, Unavailable
+from agent.model import Address, Element, EntryKey
+from agent.rules.conntrack import forget_flows
+from agent.rules.render import element_comment
+from agent.rules.table import FirewallTable
+from agent.state import (
+    Command,
+    Decision,
+    Entry,
+    EntryResult,
+    EraseCmd,
+    Event,
+    EventKind,
+    Limits,
+    RequestMeta,
+    RevokeCmd,
+    StateView,
+    Status,
+    SyncCmd,
+    decide,
+    expire,
+)
+from agent.store import Store
+from agent.store_records import (
+    AuditRecord,
+    CommitBatch,
+    Erasure,
+    IntentChange,
+    NewRequest,
+    OrderingMark,
+    PendingIntent,
+    RequestRecord,
+    StoredEntry,
+    StoredEvent,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A request's answer: the protocol's ``ApplyResult``."""
+
+    request_id: str
+    results: tuple[EntryResult, ...]
+    state_version: int
+    erased_records: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "r": self.request_id,
+                "v": self.state_version,
+                "e": self.erased_records,
+                "x": [
+                    [r.address, r.profile, int(r.status), r.expires_at_ms, r.reason]
+                    for r in self.results
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> Outcome:
+        d = json.loads(data)
+        return Outcome(
+            request_id=d["r"],
+            state_version=d["v"],
+            erased_records=d["e"],
+            results=tuple(EntryResult(a, p, Status(s), x, why) for a, p, s, x, why in d["x"]),
+        )
+
+
+@dataclass(slots=True)
+class _Pending:
+    cmd: Command
+    future: Future[Outcome] = field(default_factory=Future)
+
+
+def to_stored(e: Entry) -> StoredEntry:
+    return StoredEntry(
+        profile=e.key.profile,
+        address=e.key.address.text,
+        subject=e.subject,
+        created_at_ms=e.created_at_ms,
+        expires_at_ms=e.expires_at_ms,
+        request_id=e.request_id,
+        local=e.local,
+    )
+
+
+def from_stored(s: StoredEntry) -> Entry:
+    return Entry(
+        key=EntryKey(s.profile, Address(s.address)),
+        subject=s.subject,
+        created_at_ms=s.created_at_ms,
+        expires_at_ms=s.expires_at_ms,
+        request_id=s.request_id,
+    )
+
+
+def element_for(e: Entry, now_ms: int) -> Element:
+    """The kernel element of an entry, with the timeout that remains of it (at least 1 s)."""
+    remaining = max(1, -(-(e.expires_at_ms - now_ms) // 1000))
+    return Element(e.key, remaining, element_comment(e.subject, e.request_id, local=e.local))
+
+
+class Engine:
+    """Applies commands one group at a time on its own thread."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        table: FirewallTable,
+        limits: Limits,
+        profiles: Sequence[str],
+        forget_window_ms: int,
+        clock: Callable[[], float] = time.time,
+        history: int = 10_000,
+        cut_flows: Callable[[Iterable[Address]], object] = forget_flows,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.limits = limits
+        self.profiles = tuple(profiles)
+        self.forget_window_ms = forget_window_ms
+        self.clock = clock
+        self.cut_flows = cut_flows
+        self.view = StateView()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._history: deque[Event] = deque(maxlen=history)
+        self._changed = threading.Condition()
+        self._lock = threading.Lock()  # guards view + history for readers on other threads
+        self.last_loop_at = time.monotonic()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def load(self) -> None:
+        """Read the durable state; the caller converges the kernel before ``start``."""
+        self.view = StateView(
+            entries={e.key: e for e in map(from_stored, self.store.load_entries())},
+            last_sync_issued_at_ms=self.store.last_sync_issued_at_ms() or 0,
+            state_version=self.store.state_version(),
+        )
+        start = max(0, self.view.state_version - (self._history.maxlen or 0))
+        page = self.store.events_since(start, self._history.maxlen or 0)
+        self._history.clear()
+        self._history.extend(
+            Event(
+                EventKind[e.kind],
+                e.at_ms,
+                from_stored(e.entry) if e.entry else None,
+                e.detail,
+                e.state_version,
+            )
+            for e in page.events
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the writer thread."""
+        if self._thread:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    # --- callers -----------------------------------------------------------------------------
+
+    def submit(self, cmd: Command, timeout: float | None = 60.0) -> Outcome:
+        """Queue ``cmd`` and wait for its outcome (or its ``AgentError``)."""
+        if self._thread is None:
+            raise Unavailable("shutting_down", "the agent is not accepting requests")
+        pending = _Pending(cmd)
+        self._queue.put(pending)
+        return pending.future.result(timeout)
+
+    def snapshot(self) -> tuple[list[Entry], int]:
+        """Entries the kernel still enforces (expired ones excluded) and the state version."""
+        now = self.now_ms()
+        with self._lock:
+            live = [e for e in self.view.entries.values() if e.expires_at_ms > now]
+            return live, self.view.state_version
+
+    def events_after(self, version: int) -> tuple[bool, list[Event]]:
+        """(history reaches back to ``version``, retained events with state_version > it).
+
+        ``version`` 0 asks for all retained history, which is complete by definition.
+        """
+        with self._lock:
+            current = self.view.state_version
+            oldest = self._history[0].state_version if self._history else current + 1
+            complete = version == 0 or version >= current or version + 1 >= oldest
+            return complete, [e for e in self._history if e.state_version > version]
+
+    def wait_for_change(self, version: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.view.state_version > version, timeout)
+
+    # --- the writer --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self.last_loop_at = time.monotonic()
+                self._expire()
+                continue
+            group: list[_Pending] = []
+            for item in self._drain(first):
+                if item is None:
+                    stopping = True
+                else:
+                    group.append(item)
+            self.last_loop_at = time.monotonic()
+            if group:
+                self._expire()
+                self._process(group)
+
+    def _drain(self, first: _Pending | None) -> list[_Pending | None]:
+        items = [first]
+        while len(items) < MAX_GROUP:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _process(self, group: list[_Pending]) -> None:
+        try:
+            self._apply_group(group)
+        except AgentError as exc:
+            if len(group) == 1:
+                group[0].future.set_exception(exc)
+                return
+            # A grouped transaction was refused: apply one by one so only the culprit fails.
+            for p in group:
+                if not p.future.done():
+                    try:
+                        self._apply_group([p])
+                    except AgentError as single:
+                        p.future.set_exception(single)
+        except Exception as exc:  # a bug must not kill the writer; answer and log it
+            log.exception("engine failure")
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(Unavailable("internal_error", str(exc)))
+
+    def replayed(self, meta: RequestMeta) -> Outcome | None:
+        """The original outcome of an already accepted request, checked before field validation.
+
+        Raises ``AlreadyExists`` when the id was used with another payload.
+        """
+        return self._replayed(meta, {})
+
+    def _replayed(self, meta: RequestMeta, seen: dict[str, bytes]) -> Outcome | None:
+        if meta.request_id in seen:
+            if seen[meta.request_id] != meta.payload_digest:
+                raise AlreadyExists("request_id_reused", f"{meta.request_id} with another payload")
+            return None
+        record = self.store.lookup_request(meta.request_id)
+        if record is None:
+            return None
+        if record.payload_digest != meta.payload_digest:
+            raise AlreadyExists(
+                "request_id_reused", f"request id {meta.request_id} was used with another payload"
+            )
+        if record.result is None:  # reduced by an erasure: nothing about the person remains
+            return Outcome(meta.request_id, (), self.view.state_version)
+        return Outcome.decode(record.result)
+
+    def _apply_group(self, group: list[_Pending]) -> None:
+        now = self.now_ms()
+        base = StateView(
+            entries=dict(self.view.entries),
+            last_sync_issued_at_ms=self.view.last_sync_issued_at_ms,
+            state_version=self.view.state_version,
+        )
+        self._load_ordering(base, group)
+        accepted: list[tuple[_Pending, Decision, Outcome]] = []
+        seen: dict[str, bytes] = {}
+        events: list[Event] = []
+        for p in group:
+            meta = p.cmd.meta
+            try:
+                replay = self._replayed(meta, seen)
+                if replay is not None:
+                    p.future.set_result(replay)
+                    continue
+                decision = decide(base, p.cmd, now, self.limits, self.profiles)
+            except AgentError as exc:
+                p.future.set_exception(exc)
+                continue
+            first_version = base.state_version
+            base.fold(decision)
+            seen[meta.request_id] = meta.payload_digest
+            numbered = [
+                Event(e.kind, e.at_ms, e.entry, e.detail, first_version + i + 1)
+                for i, e in enumerate(decision.events)
+            ]
+            events += numbered
+            accepted.append(
+                (p, decision, Outcome(meta.request_id, decision.results, base.state_version))
+            )
+        if not accepted:
+            return
+        self._commit(base, accepted, events, now)
+
+    def _load_ordering(self, view: StateView, group: list[_Pending]) -> None:
+        keys: set[tuple[str, str]] = set()
+        for p in group:
+            cmd = p.cmd
+            for a in getattr(cmd, "entries", ()):
+                keys.add((a.profile, a.address.text))
+            for addr in getattr(cmd, "addresses", ()):
+                for prof in self.profiles:
+                    keys.add((prof, addr.text))
+            if isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and cmd.subject):
+                keys.update((k.profile, k.address.text) for k in view.entries)
+        if keys:
+            for (prof, addr), issued in self.store.last_issued_at(keys).items():
+                view.last_issued[EntryKey(prof, Address(addr))] = issued
+
+    def _commit(
+        self,
+        final: StateView,
+        accepted: list[tuple[_Pending, Decision, Outcome]],
+        events: list[Event],
+        now: int,
+    ) -> None:
+        before = self.view.entries
+        touched = {e.key for _, d, _ in accepted for e in (*d.upserts, *d.removals)}
+        upserts = [final.entries[k] for k in touched if k in final.entries]
+        removals = [before[k] for k in touched if k not in final.entries and k in before]
+        refreshed = {k for k in touched if k in before and k in final.entries}
+
+        intent_id = uuid.uuid4().hex
+        self.store.write_intent(
+            PendingIntent(
+                intent_id,
+                now,
+                tuple(IntentChange("upsert", to_stored(e)) for e in upserts)
+                + tuple(IntentChange("remove", to_stored(e)) for e in removals),
+            )
+        )
+        try:
+            self.table.apply(
+                [element_for(e, now) for e in upserts],
+                [e.key for e in removals],
+                present=refreshed | {e.key for e in removals},
+            )
+        except AgentError:
+            self.store.discard_intent(intent_id)
+            raise
+        erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
+        batch = CommitBatch(
+            state_version=final.state_version,
+            upserts=tuple(map(to_stored, upserts)),
+            removals=tuple((e.key.profile, e.key.address.text) for e in removals),
+            requests=tuple(self._request_record(p.cmd, o) for p, _, o in accepted),
+            audit=tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now)),
+            ordering=tuple(
+                OrderingMark(k.profile, k.address.text, issued, self._forget_after(final, k, now))
+                for _, d, _ in accepted
+                for k, issued in d.ordering
+            ),
+            events=tuple(self._stored_event(e) for e in events),
+            last_sync_issued_at_ms=next(
+                (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
+            ),
+            intent_id=intent_id,
+            erase=self._erasure(erase, removals, now) if erase else None,
+        )
+        erased = self.store.commit(batch)
+        with self._lock:
+            self.view = StateView(
+                entries=final.entries,
+                last_sync_issued_at_ms=final.last_sync_issued_at_ms,
+                state_version=final.state_version,
+            )
+            self._history.extend(events)
+        with self._changed:
+            self._changed.notify_all()
+        for p, d, o in accepted:
+            answer = (
+                Outcome(o.request_id, o.results, o.state_version, erased) if d.erase_subject else o
+            )
+            p.future.set_result(answer)
+        if removals:
+            # After answering: the sets already drop the source's original-direction packets.
+            self.cut_flows(e.key.address for e in removals)
+
+    def _erasure(self, subject: str, removals: list[Entry], now: int) -> Erasure:
+        addresses = {e.key.address.text for e in removals if e.subject == subject}
+        addresses |= self.store.addresses_of_subject(subject)
+        return Erasure(subject, tuple(sorted(addresses)), now)
+
+    def _forget_after(self, view: StateView, key: EntryKey, now: int) -> int:
+        entry = view.entries.get(key)
+        until = max(now, entry.expires_at_ms if entry else now)
+        return until + self.forget_window_ms
+
+    def _request_record(self, cmd: Command, outcome: Outcome) -> NewRequest:
+        meta = cmd.meta
+        record = RequestRecord(
+            request_id=meta.request_id,
+            rpc=meta.rpc,
+            payload_digest=meta.payload_digest,
+            keep_until_ms=meta.expires_at_ms + self.forget_window_ms,
+            result=outcome.encode(),
+        )
+        if isinstance(cmd, EraseCmd):
+            return NewRequest(record)  # names nobody, so it survives its own erasure
+        subjects = {getattr(cmd, "subject", "")} | {a.subject for a in getattr(cmd, "entries", ())}
+        addresses = {r.address for r in outcome.results}
+        return NewRequest(record, tuple(s for s in subjects if s), tuple(sorted(addresses)))
+
+    def _audit(self, cmd: Command, d: Decision, now: int) -> list[AuditRecord]:
+        meta = cmd.meta
+        if isinstance(cmd, EraseCmd):
+            return [
+                AuditRecord(
+                    now,
+                    "erase",
+                    "",
+                    "",
+                    "",
+                    meta.request_id,
+                    meta.caller,
+                    meta.keyid,
+                    f"{len(d.removals)} entries revoked",
+                )
+            ]
+        return [
+            AuditRecord(
+                now,
+                e.kind.name.lower(),
+                e.entry.key.profile,
+                e.entry.key.address.text,
+                e.entry.subject,
+                meta.request_id,
+                meta.caller,
+                meta.keyid,
+                e.detail,
+            )
+            for e in d.events
+            if e.entry is not None
+        ]
+
+    @staticmethod
+    def _stored_event(e: Event) -> StoredEvent:
+        return StoredEvent(
+            state_version=e.state_version,
+            at_ms=e.at_ms,
+            kind=e.kind.name,
+            entry=to_stored(e.entry) if e.entry else None,
+            detail=e.detail,
+        )
+
+    # --- expiry ------------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        """Turn entries the kernel has stopped matching into EXPIRED events and state changes."""
+        now = self.now_ms()
+        with self._lock:
+            decision = expire(self.view, now)
+        if not decision.removals:
+            return
+        final = StateView(
+            entries=dict(self.view.entries),
+            last_sync_issued_at_ms=self.view.last_sync_issued_at_ms,
+            state_version=self.view.state_version,
+        )
+        first = final.state_version
+        final.fold(decision)
+        events = [
+            Event(e.kind, e.at_ms, e.entry, e.detail, first + i + 1)
+            for i, e in enumerate(decision.events)
+        ]
+        try:
+            self.store.commit(
+                CommitBatch(
+                    state_version=final.state_version,
+                    removals=tuple((e.key.profile, e.key.address.text) for e in decision.removals),
+                    events=tuple(self._stored_event(e) for e in events),
+                    audit=tuple(
+                        AuditRecord(
+                            now,
+                            "expired",
+                            e.key.profile,
+                            e.key.address.text,
+                            e.subject,
+                            e.request_id,
+                            "",
+                            "",
+                        )
+                        for e in decision.removals
+                    ),
+                )
+            )
+        except AgentError:
+            log.exception("could not record expiries; will retry")
+            return
+        with self._lock:
+            self.view = final
+            self._history.extend(events)
+        with self._changed:
+            self._changed.notify_all()

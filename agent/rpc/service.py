@@ -1,0 +1,208 @@
+"""The FirewallAgent servicer: transport -> caller check -> envelope -> replay -> fields -> engine.
+
+Owns the order of checks of PROTOCOL.md for every RPC and the translation of outcomes into
+messages. It changes nothing itself (the engine does) and maps errors to codes only through
+``agent.rpc.status``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.engine import Engine, Outcome
+from agent.errors import AgentError
+from agent.rpc import convert
+from agent.rpc.auth import CallerPolicy
+from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope
+from agent.rpc.pb import agent_pb2, agent_pb2_grpc
+from agent.rpc.status import abort
+from agent.state import Command, Event, EventKind, RequestMeta
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a reload replaces at once: configuration, trusted keys, allowed callers."""
+
+    config: AgentConfig
+    trust: TrustPolicy
+    callers: CallerPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What the daemon knows about the table, for ``GetState``."""
+
+    in_sync: bool = True
+    last_verified_at_ms: int = 0
+    drift_repairs: int = 0
+
+
+class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        health: Callable[[], Health] = Health,
+        clock: Callable[[], float] = time.time,
+        observe: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.health = health
+        self.clock = clock
+        self.observe = observe
+        self.started_at_ms = int(clock() * 1000)
+        self.stopping = threading.Event()
+
+    def reload(self, settings: Settings) -> None:
+        self.settings = settings  # one reference swap: a call sees the old or the new, whole
+
+    # --- signed RPCs -------------------------------------------------------------------------
+
+    def _signed(
+        self,
+        rpc: str,
+        envelope: agent_pb2.SignedEnvelope,
+        context: grpc.ServicerContext,
+        message_type: type[SignedRequestT],
+        build: Callable[[SignedRequestT, RequestMeta, AgentConfig], Command],
+    ) -> agent_pb2.ApplyResult:
+        started = time.monotonic()
+        code = "OK"
+        try:
+            s = self.settings
+            caller = s.callers.identify(context)
+            opened: OpenedRequest[SignedRequestT] = open_envelope(
+                envelope, message_type, s.trust, int(self.clock() * 1000)
+            )
+            meta = RequestMeta(
+                request_id=opened.header.request_id,
+                rpc=rpc,
+                issued_at_ms=opened.header.issued_at_ms,
+                expires_at_ms=opened.header.expires_at_ms,
+                payload_digest=opened.payload_sha256,
+                caller=caller,
+                keyid=opened.keyid,
+            )
+            replay = self.engine.replayed(meta)
+            outcome = replay or self.engine.submit(build(opened.message, meta, s.config))
+            return _result(outcome)
+        except AgentError as exc:
+            code = exc.kind.name
+            abort(context, exc)
+        finally:
+            if self.observe:
+                self.observe(rpc, code, time.monotonic() - started)
+
+    def Allow(
+        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
+    ) -> agent_pb2.ApplyResult:
+        return self._signed(
+            "Allow", request, context, agent_pb2.AllowRequest, convert.allow_command
+        )
+
+    def Revoke(
+        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
+    ) -> agent_pb2.ApplyResult:
+        return self._signed(
+            "Revoke", request, context, agent_pb2.RevokeRequest, convert.revoke_command
+        )
+
+    def Sync(
+        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
+    ) -> agent_pb2.ApplyResult:
+        return self._signed("Sync", request, context, agent_pb2.SyncRequest, convert.sync_command)
+
+    def Erase(
+        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
+    ) -> agent_pb2.ApplyResult:
+        return self._signed(
+            "Erase", request, context, agent_pb2.EraseRequest, convert.erase_command
+        )
+
+    # --- unsigned RPCs (mTLS only) -----------------------------------------------------------
+
+    def GetState(
+        self, request: agent_pb2.GetStateRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AgentState:
+        started = time.monotonic()
+        code = "OK"
+        try:
+            s = self.settings
+            s.callers.identify(context)
+            entries, version = self.engine.snapshot()
+            h = self.health()
+            return agent_pb2.AgentState(
+                agent_id=s.config.agent_id,
+                version=__version__,
+                started_at_unix_ms=self.started_at_ms,
+                now_unix_ms=int(self.clock() * 1000),
+                state_version=version,
+                entries=[convert.entry_message(e) for e in sorted(entries, key=lambda e: e.key)],
+                ruleset_in_sync=h.in_sync,
+                last_verified_at_unix_ms=h.last_verified_at_ms,
+                drift_repairs=h.drift_repairs,
+                trusted_keyids=sorted(s.trust.trusted_keys),
+                profiles=list(s.config.profile_names),
+            )
+        except AgentError as exc:
+            code = exc.kind.name
+            abort(context, exc)
+        finally:
+            if self.observe:
+                self.observe("GetState", code, time.monotonic() - started)
+
+    def WatchEvents(
+        self, request: agent_pb2.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.AgentEvent]:
+        try:
+            self.settings.callers.identify(context)
+        except AgentError as exc:
+            abort(context, exc)
+        since = request.since_state_version
+        complete, events = self.engine.events_after(since)
+        if not complete:
+            yield convert.event_message(
+                Event(
+                    EventKind.RESYNC_REQUIRED,
+                    int(self.clock() * 1000),
+                    None,
+                    f"history does not reach back to {since}; call GetState",
+                    since,
+                )
+            )
+        while True:
+            for e in events:
+                yield convert.event_message(e)
+                since = max(since, e.state_version)
+            while not self.engine.wait_for_change(since, 0.5):
+                if self.stopping.is_set() or not context.is_active():
+                    return
+            if self.stopping.is_set():
+                return
+            complete, events = self.engine.events_after(since)
+            if not complete:
+                yield convert.event_message(
+                    Event(
+                        EventKind.RESYNC_REQUIRED,
+                        int(self.clock() * 1000),
+                        None,
+                        "this watcher fell behind the retained history; call GetState",
+                        since,
+                    )
+                )
+
+
+def _result(o: Outcome) -> agent_pb2.ApplyResult:
+    return convert.apply_result(o.request_id, o.results, o.state_version, o.erased_records)
