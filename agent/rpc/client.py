@@ -96,7 +96,7 @@ class AgentClient:
             private_key=self.identity.client_key,
             certificate_chain=self.identity.client_cert,
         )
-        options = [
+        options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
