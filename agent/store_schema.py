@@ -1,0 +1,144 @@
+"""The store's SQLite schema and its migrations, versioned with ``PRAGMA user_version``.
+
+Owns the DDL and nothing else: ``agent.store`` runs ``MIGRATIONS[v]`` to move a database from
+version ``v`` to ``v + 1``, each step in its own transaction. A step, once released, is never
+edited; a schema change is a new step appended to ``MIGRATIONS``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+Migration = Callable[[sqlite3.Connection], None]
+
+# Keys of the one-row-per-key ``meta`` table.
+META_STATE_VERSION = "state_version"
+META_LAST_SYNC = "last_sync_issued_at_ms"
+# The highest state_version whose event is no longer retained (0: history is complete).
+META_EVENTS_FLOOR = "events_floor"
+
+_V1 = (
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE entries (
+        profile       TEXT NOT NULL,
+        address       TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        request_id    TEXT NOT NULL,
+        local         INTEGER NOT NULL CHECK (local IN (0, 1)),
+        PRIMARY KEY (profile, address)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX entries_by_subject ON entries (subject)",
+    # A rowid table: a Sync's result can be megabytes, too big for a WITHOUT ROWID row.
+    """
+    CREATE TABLE requests (
+        id             INTEGER PRIMARY KEY,
+        request_id     TEXT NOT NULL UNIQUE,
+        rpc            TEXT NOT NULL,
+        payload_digest BLOB NOT NULL,
+        keep_until_ms  INTEGER NOT NULL,
+        result         BLOB
+    )
+    """,
+    "CREATE INDEX requests_by_keep_until ON requests (keep_until_ms)",
+    # Who and what a request names, only so that an erasure can find the request.
+    """
+    CREATE TABLE request_names (
+        request_id TEXT NOT NULL REFERENCES requests (request_id) ON DELETE CASCADE,
+        kind       TEXT NOT NULL CHECK (kind IN ('subject', 'address')),
+        value      TEXT NOT NULL,
+        PRIMARY KEY (request_id, kind, value)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX request_names_by_value ON request_names (kind, value)",
+    """
+    CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY,
+        at_ms      INTEGER NOT NULL,
+        action     TEXT NOT NULL,
+        profile    TEXT NOT NULL,
+        address    TEXT NOT NULL,
+        subject    TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        caller     TEXT NOT NULL,
+        keyid      TEXT NOT NULL,
+        detail     TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX audit_by_at ON audit (at_ms)",
+    "CREATE INDEX audit_by_subject ON audit (subject)",
+    "CREATE INDEX audit_by_address ON audit (address)",
+    """
+    CREATE TABLE ordering (
+        profile         TEXT NOT NULL,
+        address         TEXT NOT NULL,
+        issued_at_ms    INTEGER NOT NULL,
+        forget_after_ms INTEGER NOT NULL,
+        PRIMARY KEY (profile, address)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX ordering_by_address ON ordering (address)",
+    "CREATE INDEX ordering_by_forget ON ordering (forget_after_ms)",
+    # An event either carries a whole entry or none of it.
+    """
+    CREATE TABLE events (
+        state_version INTEGER PRIMARY KEY,
+        at_ms         INTEGER NOT NULL,
+        kind          TEXT NOT NULL,
+        detail        TEXT NOT NULL,
+        profile       TEXT,
+        address       TEXT,
+        subject       TEXT,
+        created_at_ms INTEGER,
+        expires_at_ms INTEGER,
+        request_id    TEXT,
+        local         INTEGER,
+        CHECK ((profile IS NULL) + (address IS NULL) + (subject IS NULL)
+               + (created_at_ms IS NULL) + (expires_at_ms IS NULL) + (request_id IS NULL)
+               + (local IS NULL) IN (0, 7))
+    )
+    """,
+    """
+    CREATE TABLE intents (
+        id            INTEGER PRIMARY KEY,
+        intent_id     TEXT NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE intent_changes (
+        intent_id     TEXT NOT NULL REFERENCES intents (intent_id) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        op            TEXT NOT NULL CHECK (op IN ('upsert', 'remove')),
+        profile       TEXT NOT NULL,
+        address       TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        request_id    TEXT NOT NULL,
+        local         INTEGER NOT NULL CHECK (local IN (0, 1)),
+        PRIMARY KEY (intent_id, seq)
+    ) WITHOUT ROWID
+    """,
+)
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    for statement in _V1:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, 0)",
+        ((META_STATE_VERSION,), (META_EVENTS_FLOOR,)),
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
