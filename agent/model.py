@@ -16,8 +16,9 @@ from agent.errors import InvalidArgument
 SUBJECT_MAX_CHARS = 64
 ELEMENT_COMMENT_MAX_BYTES = 128
 # Unicode categories a subject must not contain: controls, format characters, line and paragraph
-# separators (PROTOCOL.md "Subject"); everything else, quotes and ';' included, is ordinary text.
-FORBIDDEN_SUBJECT_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# separators (PROTOCOL.md "Subject"), plus lone surrogates, which have no UTF-8 encoding at all
+# (protobuf never delivers one; the local socket might). Quotes and ';' are ordinary text.
+FORBIDDEN_SUBJECT_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
 def check_subject(subject: str) -> str:

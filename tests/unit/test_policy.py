@@ -330,6 +330,7 @@ SUBJECT_REFUSED = [
     pytest.param("\U0001f469\u200d\U0001f4bb", id="ZWJ-emoji-sequence-Cf"),
     pytest.param("a\u2028b", id="LS-Zl"),
     pytest.param("a\u2029b", id="PS-Zp"),
+    pytest.param("a\ud800b", id="lone-surrogate-Cs"),
 ]
 
 
