@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from netlab import Lab
+from tablekit import Rig, open_rig
 
 _HERE = Path(__file__).parent
 
@@ -68,3 +69,9 @@ def lab(_kernel_required: None) -> Iterator[Lab]:
     """Fresh server and client namespaces joined by a veth pair; removed after the test."""
     with Lab() as fresh:
         yield fresh
+
+
+@pytest.fixture
+def rig(lab: Lab) -> Rig:
+    """The agent's table (default ``agent`` profile) installed and probed in ``lab``'s server."""
+    return open_rig(lab)
