@@ -37,7 +37,7 @@ from agent.rules.table import FirewallTable
 BULK = 100_000
 REFRESH = 10_000
 SINGLE_ADDS = 200
-BULK_REPEATS = 3
+BULK_REPEATS = 5
 REFRESH_REPEATS = 5
 READBACK_REPEATS = 5
 PROFILE = "agent"
