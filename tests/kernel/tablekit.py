@@ -89,9 +89,6 @@ class Rig:
         """``nft -j list <what>`` in the server namespace, parsed."""
         return self.lab.srv.nft_json("list", *what)
 
-    def our_table(self) -> dict[str, Any]:
-        return self.listing("table", "inet", TABLE)
-
     def other_table(self) -> str:
         """Another owner's table exactly as nft prints it (compared byte for byte)."""
         return self.lab.srv.nft("-j", "list", "table", "inet", OTHER)

@@ -13,7 +13,7 @@ import pytest
 from netlab import ADDR, Lab, wait_until
 from tablekit import OTHER_TABLE, TABLE, Rig, open_rig
 
-from agent.model import Element, EntryKey
+from agent.model import Address, Element, EntryKey
 from agent.policy import normalize_address
 from agent.rules.render import element_comment
 
@@ -204,14 +204,16 @@ def test_a_batch_larger_than_one_netlink_message_lands_as_one_transaction(rig: R
     )
 
 
-# Measured on 6.18: right after a large batch the kernel still grows the set's hash table in a
-# deferred worker (the `size` hint does not reach the hash table: rhashtable's nelem_hint is a
-# u16, so 65536 becomes 0 and the table starts at 64 buckets). A dump racing that rehash is torn:
-# the count is right but some elements are listed twice in place of others. read_elements()
-# folds the duplicates into a dict and silently reports the others as absent - an apply with
-# present=None then drops their removals as "already gone" (a revoke that leaves the source in),
-# replace_all keeps stale elements, and reconcile would report live entries as expired. The race
-# hits about one read in four here, so the test tries a few times; strict xfail would be flaky.
+# Measured on 6.18: right after a large batch the kernel may still be growing the set's hash
+# table in a deferred worker (the `size` hint does not reach it: rhashtable's nelem_hint is a u16,
+# so 65536 becomes 0 and the table starts small). A dump racing that rehash is torn: the count is
+# right, but some elements are listed twice in place of others. read_elements() folds the
+# duplicates into its dict and reports the others as absent (e.g. 28,570 of 30,000), so whatever
+# reads right after a large batch plans from a wrong view: removals of the missing keys are
+# dropped as "already gone" by apply(present=None), and reconcile would see live entries as
+# expired. The window is a few ms: the adapter's malloc_trim after batches of 1 MiB or more
+# happens to outlast it, so this batch stays below that. About half the reads tear here; the test
+# tries several times, and is not a strict xfail because a run may still miss the race.
 TORN_READ_BUG = pytest.mark.xfail(
     raises=AssertionError,
     strict=False,
@@ -223,8 +225,11 @@ TORN_READ_BUG = pytest.mark.xfail(
 @TORN_READ_BUG
 def test_read_back_right_after_a_large_batch_sees_every_element(lab: Lab) -> None:
     rig = open_rig(lab)
-    elements = _many(rig, "198.18.128.0", LARGE, "req-bulk")
-    for _ in range(4):
+    first = ipaddress.ip_address("198.18.128.0")
+    elements = [
+        Element(EntryKey("agent", Address(str(first + i))), 3600, "x") for i in range(15_000)
+    ]
+    for _ in range(6):
         rig.table.delete()
         rig.table.install()
         rig.table.apply(elements, present=set())

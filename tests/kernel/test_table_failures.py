@@ -36,7 +36,8 @@ def whole_listing(rig: Rig, *what: str) -> dict[str, Any]:
     def whole() -> bool:
         listing = rig.listing(*what)
         for item in listing["nftables"]:
-            values = [str(e) for e in item.get("set", {}).get("elem", ())]
+            elems = item.get("set", {}).get("elem", ())
+            values = [str(e["elem"]["val"] if isinstance(e, dict) else e) for e in elems]
             if len(values) != len(set(values)):
                 return False
         found.append(listing)

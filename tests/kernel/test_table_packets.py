@@ -25,6 +25,7 @@ FAMILIES: list[Family] = [4, 6]
 STRANGER = {4: ADDR.client4_far, 6: ADDR.client6_far}
 # A second address of the client's subnet: a different source under IPv4 (/32 entries).
 NEIGHBOUR4 = ADDR.client4_alt
+SIP: tuple[tuple[Proto, int], ...] = (("udp", 5060), ("tcp", 5060))
 # agent/rules/conntrack.forget_flows builds ``Conntrack()`` with pyroute2's default
 # nfgen_family=AF_INET; ctnetlink filters dumps (and parses delete tuples) by that family, so IPv6
 # flows are never found. Fix: one ``Conntrack(nfgen_family=af)`` per family.
@@ -93,7 +94,7 @@ def test_entry_admits_its_source_to_every_protected_port(rig: Rig, family: Famil
 def test_entry_does_not_admit_another_source(rig: Rig, family: Family) -> None:
     rig.table.apply([rig.element(rig.lab.addr.client(family))])
 
-    ports = (("udp", 5060), ("tcp", 5060))
+    ports = SIP
     assert verdicts(rig.lab, ports, STRANGER[family]) == everywhere(ports, False)
 
 
@@ -113,7 +114,7 @@ def test_removed_entry_blocks_its_source_again(rig: Rig, family: Family) -> None
     applied = rig.table.apply(removals=[rig.key(src)])
 
     assert applied.plan.removes == (rig.key(src),)
-    ports = (("udp", 5060), ("tcp", 5060))
+    ports = SIP
     assert verdicts(rig.lab, ports, src) == everywhere(ports, False)
 
 
