@@ -40,6 +40,7 @@ from agent.state import (
     SyncCmd,
     decide,
     expire,
+    numbered,
 )
 from agent.store import Store
 from agent.store_records import (
@@ -109,6 +110,16 @@ def to_stored(e: Entry) -> StoredEntry:
         expires_at_ms=e.expires_at_ms,
         request_id=e.request_id,
         local=e.local,
+    )
+
+
+def to_stored_event(e: Event) -> StoredEvent:
+    return StoredEvent(
+        state_version=e.state_version,
+        at_ms=e.at_ms,
+        kind=e.kind.name,
+        entry=to_stored(e.entry) if e.entry else None,
+        detail=e.detail,
     )
 
 
@@ -303,11 +314,7 @@ class Engine:
 
     def _apply_group(self, group: list[_Pending]) -> None:
         now = self.now_ms()
-        base = StateView(
-            entries=dict(self.view.entries),
-            last_sync_issued_at_ms=self.view.last_sync_issued_at_ms,
-            state_version=self.view.state_version,
-        )
+        base = self.view.detached()
         self._load_ordering(base, group)
         accepted: list[tuple[_Pending, Decision, Outcome]] = []
         seen: dict[str, bytes] = {}
@@ -326,11 +333,7 @@ class Engine:
             first_version = base.state_version
             base.fold(decision)
             seen[meta.request_id] = meta.payload_digest
-            numbered = [
-                Event(e.kind, e.at_ms, e.entry, e.detail, first_version + i + 1)
-                for i, e in enumerate(decision.events)
-            ]
-            events += numbered
+            events += numbered(decision.events, first_version)
             accepted.append(
                 (p, decision, Outcome(meta.request_id, decision.results, base.state_version))
             )
@@ -396,7 +399,7 @@ class Engine:
                 for _, d, _ in accepted
                 for k, issued in d.ordering
             ),
-            events=tuple(self._stored_event(e) for e in events),
+            events=tuple(to_stored_event(e) for e in events),
             last_sync_issued_at_ms=next(
                 (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
             ),
@@ -405,11 +408,7 @@ class Engine:
         )
         erased = self.store.commit(batch)
         with self._lock:
-            self.view = StateView(
-                entries=final.entries,
-                last_sync_issued_at_ms=final.last_sync_issued_at_ms,
-                state_version=final.state_version,
-            )
+            self.view = final.detached()
             self._history.extend(events)
         with self._changed:
             self._changed.notify_all()
@@ -479,16 +478,6 @@ class Engine:
             if e.entry is not None
         ]
 
-    @staticmethod
-    def _stored_event(e: Event) -> StoredEvent:
-        return StoredEvent(
-            state_version=e.state_version,
-            at_ms=e.at_ms,
-            kind=e.kind.name,
-            entry=to_stored(e.entry) if e.entry else None,
-            detail=e.detail,
-        )
-
     # --- expiry ------------------------------------------------------------------------------
 
     def _expire(self) -> None:
@@ -498,23 +487,16 @@ class Engine:
             decision = expire(self.view, now)
         if not decision.removals:
             return
-        final = StateView(
-            entries=dict(self.view.entries),
-            last_sync_issued_at_ms=self.view.last_sync_issued_at_ms,
-            state_version=self.view.state_version,
-        )
+        final = self.view.detached()
         first = final.state_version
         final.fold(decision)
-        events = [
-            Event(e.kind, e.at_ms, e.entry, e.detail, first + i + 1)
-            for i, e in enumerate(decision.events)
-        ]
+        events = numbered(decision.events, first)
         try:
             self.store.commit(
                 CommitBatch(
                     state_version=final.state_version,
                     removals=tuple((e.key.profile, e.key.address.text) for e in decision.removals),
-                    events=tuple(self._stored_event(e) for e in events),
+                    events=tuple(to_stored_event(e) for e in events),
                     audit=tuple(
                         AuditRecord(
                             now,

@@ -6,7 +6,6 @@ and knows nothing of configuration (``agent.policy`` turns untrusted text into t
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import unicodedata
 from dataclasses import dataclass
@@ -133,9 +132,3 @@ class ObservedElement:
     timeout_s: int
     expires_s: int
     comment: str
-
-
-class ChangeKind(enum.Enum):
-    ADD = "add"
-    REFRESH = "refresh"
-    REMOVE = "remove"

@@ -13,12 +13,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.engine import element_for, from_stored, to_stored
+from agent.engine import element_for, from_stored, to_stored, to_stored_event
 from agent.model import EntryKey, ObservedElement
 from agent.rules.table import FirewallTable
-from agent.state import Entry, Event, EventKind, StateView
+from agent.state import Entry, Event, EventKind, StateView, numbered
 from agent.store import Store
-from agent.store_records import CommitBatch, PendingIntent, StoredEvent
+from agent.store_records import CommitBatch, PendingIntent
 
 log = logging.getLogger(__name__)
 _REQUEST_IN_COMMENT = re.compile(r"(?:^|\s)req=(\S+)")
@@ -74,10 +74,10 @@ def converge(view: StateView, store: Store, table: FirewallTable, now_ms: int) -
     if missing or unknown:
         table.apply([element_for(e, now_ms) for e in missing], unknown, present=set(observed))
     first = view.state_version
-    events = [
-        Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel", first + i + 1)
-        for i, e in enumerate(missing)
-    ]
+    events = numbered(
+        (Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel") for e in missing),
+        first,
+    )
     view.state_version += len(events)
     if ups or rems or events or intents:
         store.commit(
@@ -85,16 +85,7 @@ def converge(view: StateView, store: Store, table: FirewallTable, now_ms: int) -
                 state_version=view.state_version,
                 upserts=tuple(to_stored(e) for e in ups.values()),
                 removals=tuple((k.profile, k.address.text) for k in rems),
-                events=tuple(
-                    StoredEvent(
-                        e.state_version,
-                        e.at_ms,
-                        e.kind.name,
-                        to_stored(e.entry) if e.entry else None,
-                        e.detail,
-                    )
-                    for e in events
-                ),
+                events=tuple(map(to_stored_event, events)),
             )
         )
         for intent in intents:

@@ -154,6 +154,14 @@ class StateView:
             self.last_sync_issued_at_ms = d.sync_issued_at_ms
         self.state_version += d.changes
 
+    def detached(self) -> StateView:
+        """A copy to fold a group into: entries and counters, without the ordering cache."""
+        return StateView(
+            entries=dict(self.entries),
+            last_sync_issued_at_ms=self.last_sync_issued_at_ms,
+            state_version=self.state_version,
+        )
+
     def by_subject(self, subject: str, profile: str = "") -> list[Entry]:
         return [
             e
@@ -171,6 +179,14 @@ class Limits:
 
     max_entries: int
     set_size: Mapping[int, int]  # family -> per-(profile, family) set size
+
+
+def numbered(events: Iterable[Event], first_version: int) -> list[Event]:
+    """``events`` carrying the versions their changes produce, after ``first_version``."""
+    return [
+        Event(e.kind, e.at_ms, e.entry, e.detail, first_version + i + 1)
+        for i, e in enumerate(events)
+    ]
 
 
 def _is_stale(view: StateView, key: EntryKey, issued_at_ms: int) -> bool:
