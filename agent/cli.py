@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, admin, ctl
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.errors import ConfigError
 from agent.rpc.signing import trusted_keys_from_config
@@ -78,4 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_version)
+
+    ctl.add_commands(sub)
+    admin.add_commands(sub)
     return parser

@@ -9,29 +9,18 @@ last line of its stdout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.devlab import scratch_netns
+
+__all__ = ["run_worker", "scratch_netns"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def scratch_netns(prefix: str = "vf-bench") -> Iterator[str]:
-    """A fresh namespace with only ``lo`` (up); deleted on exit whatever happened."""
-    name = f"{prefix}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def run_worker(netns: str, module: str, *args: str, timeout: float = 600) -> dict[str, Any]:
