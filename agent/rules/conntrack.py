@@ -59,27 +59,38 @@ def forget_flows(addresses: Iterable[Address]) -> ForgetResult:
     if not targets:
         return ForgetResult(0, 0)
     deleted = failed = 0
+    for family in sorted({a.family for a in targets}):
+        d, f = _forget_family(family, [a for a in targets if a.family == family])
+        deleted += d
+        failed += f
+    return ForgetResult(deleted, failed)
+
+
+def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
+    """(deleted, failed) among the flows of one address family (``targets`` are all of it)."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    # One socket per family: ctnetlink answers a dump only with flows of the message's
+    # nfgen_family and parses a delete's tuple by it, and pyroute2 defaults it to AF_INET.
     try:
-        ct = Conntrack()
+        ct = Conntrack(nfgen_family=af)
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
-        return ForgetResult(0, len(targets))
+        return 0, len(targets)
+    deleted = failed = 0
     try:
-        for family in {a.family for a in targets}:
-            af = socket.AF_INET if family == 4 else socket.AF_INET6
-            # One filtered dump per family: the kernel cannot filter by prefix, and a /64
-            # entry must cut every address inside it.
-            for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af))):
-                if not _names(entry, targets):
-                    continue
-                try:
-                    ct.delete(entry)
-                    deleted += 1
-                except NetlinkError:
-                    failed += 1  # gone by itself meanwhile, or refused: nothing to undo
+        # The kernel cannot filter by prefix, and a /64 entry must cut every address inside it:
+        # dump the family's flows and match here.
+        for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af))):
+            if not _names(entry, targets):
+                continue
+            try:
+                ct.delete(entry)
+                deleted += 1
+            except NetlinkError:
+                failed += 1  # gone by itself meanwhile, or refused: nothing to undo
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack dump failed, flows of revoked sources may persist: %s", exc)
         failed += 1
     finally:
         ct.close()
-    return ForgetResult(deleted, failed)
+    return deleted, failed

@@ -55,10 +55,48 @@ def plan_changes(
     )
 
 
-def plan_replace_all(
-    desired: Iterable[Element], observed: Mapping[EntryKey, object]
-) -> ElementPlan:
-    """Make the observed allow elements exactly ``desired``: add, refresh, remove the rest."""
+def plan_replace_all(desired: Iterable[Element], observed: Collection[EntryKey]) -> ElementPlan:
+    """Make the observed allow elements exactly ``desired``: add, refresh, remove the rest.
+
+    ``observed`` holds the keys in the kernel (a mapping keyed by them will do).
+    """
     wanted = list(desired)
     keys = {e.key for e in wanted}
-    return plan_changes(wanted, [k for k in observed if k not in keys], observed.keys())
+    return plan_changes(wanted, [k for k in observed if k not in keys], observed)
+
+
+@dataclass(frozen=True, slots=True)
+class SetOverflow:
+    """A set the plan would fill beyond its configured size."""
+
+    profile: str
+    family: int
+    after: int
+    size: int
+
+
+def set_overflows(
+    plan: ElementPlan, present: Collection[EntryKey], sizes: Mapping[int, int]
+) -> tuple[SetOverflow, ...]:
+    """The sets (per profile and family) that ``plan`` applied to ``present`` would overfill.
+
+    ``sizes`` is the configured size per family. A refresh neither adds nor frees a slot; the
+    kernel counts the slots a removal frees in the same batch.
+    """
+    counts: dict[tuple[str, int], int] = {}
+    for key in present:
+        where = (key.profile, key.address.family)
+        counts[where] = counts.get(where, 0) + 1
+    for key in plan.removes:
+        where = (key.profile, key.address.family)
+        counts[where] = counts.get(where, 0) - 1
+    grown: set[tuple[str, int]] = set()
+    for e in plan.adds:
+        where = (e.key.profile, e.key.address.family)
+        counts[where] = counts.get(where, 0) + 1
+        grown.add(where)
+    return tuple(
+        SetOverflow(profile, family, counts[(profile, family)], sizes[family])
+        for profile, family in sorted(grown)
+        if counts[(profile, family)] > sizes[family]
+    )

@@ -79,6 +79,37 @@ def parse_set_elements(
             )
 
 
+def _listed_value(raw: Any) -> str:
+    elem = raw.get("elem", raw) if isinstance(raw, dict) else {"val": raw}
+    val = elem.get("val") if isinstance(elem, dict) else elem
+    return val if isinstance(val, str) else json.dumps(val, sort_keys=True)
+
+
+def repeated_values(items: Iterable[dict[str, Any]]) -> int:
+    """How many elements a listing names a second time within the same set.
+
+    A set never holds a value twice, so any repeat means the dump was torn: the kernel walks a
+    hash set afresh for every netlink message of a dump and skips by count, and a resize of the
+    hash table in between (rhashtable grows in a deferred worker, e.g. right after a large
+    batch) reorders it, so some elements come twice and as many others not at all. The kernel
+    raises no NLM_F_DUMP_INTR for that (the ruleset generation did not change), so the only
+    sign is in the listing itself.
+    """
+    repeats = 0
+    for item in items:
+        s = item.get("set")
+        if not s:
+            continue
+        seen: set[str] = set()
+        for raw in s.get("elem", ()):
+            value = _listed_value(raw)
+            if value in seen:
+                repeats += 1
+            else:
+                seen.add(value)
+    return repeats
+
+
 def parse_counters(items: Iterable[dict[str, Any]]) -> dict[str, CounterValue]:
     out: dict[str, CounterValue] = {}
     for item in items:

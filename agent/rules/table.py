@@ -9,30 +9,55 @@ as ``create`` (EEXIST if the element is there after all), refreshes and removals
 half-apply; the affected sets are then read back fresh, the plan recomputed and the batch retried
 a bounded number of times. The happy path costs one transaction and no read-back, which keeps a
 single-entry change cheap however large the set is.
+
+Kernel failure modes and how each is met (RULESET.md):
+
+- an element to delete expired meanwhile, or one to create is there after all: ENOENT/EEXIST,
+  nothing changed; re-read, recompute, retry (``MAX_ATTEMPTS`` in all);
+- a full set: ENFILE, nothing changed; ``SetFull``, never retried;
+- a batch too large for one netlink message: libnftables itself splits each element list over
+  as many NEWSETELEM/DELSETELEM messages as the 16-bit attribute length allows (~64 KiB each),
+  packs them between one BATCH_BEGIN and one BATCH_END, raises the socket's send buffer to
+  hold them (SO_SNDBUFFORCE) and sends them in one sendmsg; the kernel commits or aborts that
+  batch as one transaction (``test_a_batch_larger_than_one_netlink_message_lands_...``);
+- such a batch refused in many of its messages: the kernel reports each refused message with a
+  copy of it (~64 KiB; libnftables does not ask for capped acks) and stops reporting once the
+  socket's receive buffer (rmem_default, 208 KiB) is full, so libnftables fails with ENOBUFS
+  instead of the real errno - e.g. 70,000 creates into a set of size 65,536, or thousands of
+  stale creates at once. The transaction was still aborted whole. The touched sets are re-read
+  and the plan recomputed: if it would overfill a set the answer is ``SetFull``, otherwise (the
+  refusals were conflicts) the batch is retried once more;
+- a read-back torn by a concurrent hash resize: re-read (``READ_ATTEMPTS``), then
+  ``TornListing``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent.config import FirewallConfig
-from agent.errors import KernelError
+from agent.errors import KernelError, SetFull
 from agent.model import Element, EntryKey, ObservedElement
 from agent.rules import render
 from agent.rules.nft import ElementConflict, NftAdapter
-from agent.rules.plan import ElementPlan, plan_changes, plan_replace_all
+from agent.rules.plan import ElementPlan, plan_changes, plan_replace_all, set_overflows
 from agent.rules.readback import (
     CounterValue,
     TableShape,
     parse_counters,
     parse_set_elements,
     parse_table_shape,
+    repeated_values,
 )
 
 MAX_ATTEMPTS = 4
+# Listings of one set before a torn read-back is an error. A resize of a set's hash table takes
+# a few ms and one listing of a large set far longer, so a second read is whole in practice.
+READ_ATTEMPTS = 5
 _PROBE_SET = "probe_features"
 
 
@@ -44,6 +69,17 @@ class Features:
     nft_version: str
     readd_updates_timeout: bool
     destroy_supported: bool
+
+
+class TornListing(KernelError):
+    """Every listing of a set repeated elements (a dump torn by a hash resize, see readback)."""
+
+    def __init__(self, set_name: str, attempts: int) -> None:
+        super().__init__(
+            "torn_listing",
+            errno.EINTR,  # what netlink uses for an inconsistent dump
+            f"{attempts} listings of set {set_name} each named an element twice",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +99,39 @@ class FirewallTable:
     # --- structure --------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        try:
-            self.shape()
-        except KernelError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        """Whether ``inet <table>`` is in the kernel, from listings that do not fail on absence.
+
+        Not from listing the table itself: libnftables answers that for a missing table from its
+        own cache, so no kernel errno tells "absent" from "broken" (the C errno is left over,
+        e.g. EAGAIN). ``list chains`` is the cheap answer (0.4 ms with 100k elements), and an
+        installed table always has chains; only a table emptied of them by hand needs ``list
+        tables``, which on nft 1.0.6 fetches every set element first (~0.6 s at 100k).
+        """
+        for kind in ("chains", "tables"):
+            items = self.nft.query({"list": {kind: {"family": render.FAMILY}}})
+            if any(self._ours(item, kind) for item in items):
+                return True
+        return False
+
+    def _ours(self, item: dict[str, Any], kind: str) -> bool:
+        obj = item.get(kind[:-1])
+        if not isinstance(obj, dict) or obj.get("family") != render.FAMILY:
+            return False
+        return obj.get("table" if kind == "chains" else "name") == self.cfg.table
 
     def install(self) -> None:
         """Create the table, or repair its structure in place keeping every allow element."""
         self.nft.apply(render.encode_commands(render.render_table(self.cfg)))
 
     def delete(self) -> None:
-        """Remove the agent's table (package purge); absent is fine."""
-        if self.exists():
+        """Remove the agent's table (package purge); absent is fine, even if it goes meanwhile."""
+        if not self.exists():
+            return
+        try:
             self.nft.apply(render.encode_commands(render.render_delete_table(self.cfg.table)))
+        except KernelError:
+            if self.exists():
+                raise
 
     def shape(self) -> TableShape:
         items = self.nft.query(
@@ -139,7 +192,11 @@ class FirewallTable:
     def read_elements(
         self, sets: Iterable[tuple[str, int]] | None = None
     ) -> dict[EntryKey, ObservedElement]:
-        """Fresh read-back of allow elements (all allow sets, or the given (profile, family))."""
+        """Fresh read-back of allow elements (all allow sets, or the given (profile, family)).
+
+        A listing that names an element twice was torn by a concurrent hash resize and may miss
+        as many others: it is read again, up to ``READ_ATTEMPTS`` times, then ``TornListing``.
+        """
         wanted = (
             list(sets)
             if sets is not None
@@ -147,15 +204,19 @@ class FirewallTable:
         )
         out: dict[EntryKey, ObservedElement] = {}
         for profile, family in wanted:
-            ref = {
-                "family": render.FAMILY,
-                "table": self.cfg.table,
-                "name": render.allow_set(profile, family),
-            }
-            items = self.nft.query({"list": {"set": ref}})
+            items = self._whole_listing(render.allow_set(profile, family))
             for e in parse_set_elements(items, self.cfg.ipv6_prefix):
                 out[e.key] = e
         return out
+
+    def _whole_listing(self, set_name: str) -> list[dict[str, Any]]:
+        ref = {"family": render.FAMILY, "table": self.cfg.table, "name": set_name}
+        for _ in range(READ_ATTEMPTS):
+            items = self.nft.query({"list": {"set": ref}})
+            if not repeated_values(items):
+                return items
+            del items  # before the next listing, not after it: a 100k listing is ~50 MB
+        raise TornListing(set_name, READ_ATTEMPTS)
 
     def counters(self) -> dict[str, CounterValue]:
         items = self.nft.query(
@@ -179,12 +240,31 @@ class FirewallTable:
         touched = {(e.key.profile, e.key.address.family) for e in upserts} | {
             (k.profile, k.address.family) for k in removals
         }
+        return self._converge(
+            touched, lambda belief: plan_changes(upserts, removals, belief), present
+        )
+
+    def replace_all(self, desired: Sequence[Element]) -> AppliedPlan:
+        """Make the allow sets hold exactly ``desired`` (one transaction, retried on races)."""
+        every = {(p.name, fam) for p in self.cfg.profiles for fam in (4, 6)}
+        return self._converge(every, lambda belief: plan_replace_all(desired, belief), None)
+
+    def _observe(self, sets: Iterable[tuple[str, int]]) -> set[EntryKey]:
         # A set of keys, not the read-back's keys() view: the view would keep every observed
         # element and its comment alive while the batch is sent (~25 MB at 100k elements).
-        belief: Collection[EntryKey]
-        belief = present if present is not None else set(self.read_elements(touched))
+        return set(self.read_elements(sets))
+
+    def _converge(
+        self,
+        touched: Collection[tuple[str, int]],
+        plan_for: Callable[[Collection[EntryKey]], ElementPlan],
+        present: Collection[EntryKey] | None,
+    ) -> AppliedPlan:
+        """Send ``plan_for(belief)``; on a refusal that a fresh belief can settle, re-plan."""
+        belief = present if present is not None else self._observe(touched)
+        overflow_retried = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            plan = plan_changes(upserts, removals, belief)
+            plan = plan_for(belief)
             if plan.empty:
                 return AppliedPlan(plan, attempt)
             try:
@@ -192,25 +272,28 @@ class FirewallTable:
             except ElementConflict:
                 if attempt == MAX_ATTEMPTS:
                     raise
-                belief = set(self.read_elements(touched))
+                belief = self._observe(touched)
+                continue
+            except KernelError as exc:
+                # ENOBUFS: refusals were lost, not the batch applied (see the module docstring).
+                if exc.errno != errno.ENOBUFS or overflow_retried or attempt == MAX_ATTEMPTS:
+                    raise
+                overflow_retried = True
+                belief = self._observe(touched)
+                self._refuse_overflow(plan_for(belief), belief)
                 continue
             return AppliedPlan(plan, attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def replace_all(self, desired: Sequence[Element]) -> AppliedPlan:
-        """Make the allow sets hold exactly ``desired`` (one transaction, retried on races)."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            plan = plan_replace_all(desired, self.read_elements())
-            if plan.empty:
-                return AppliedPlan(plan, attempt)
-            try:
-                self._send(plan)
-            except ElementConflict:
-                if attempt == MAX_ATTEMPTS:
-                    raise
-                continue
-            return AppliedPlan(plan, attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _refuse_overflow(self, plan: ElementPlan, present: Collection[EntryKey]) -> None:
+        sizes = {4: self.cfg.set_size_ipv4, 6: self.cfg.set_size_ipv6}
+        over = set_overflows(plan, present, sizes)
+        if over:
+            detail = ", ".join(
+                f"{render.allow_set(o.profile, o.family)} would hold {o.after} of {o.size}"
+                for o in over
+            )
+            raise SetFull(f"a set is at its configured size: {detail}")
 
     def _send(self, plan: ElementPlan) -> None:
         destroy = bool(self.features and self.features.destroy_supported)
@@ -220,3 +303,37 @@ class FirewallTable:
             self.cfg.table, deletes=plan.deletes, creates=plan.creates, destroy=destroy
         ).encode()
         self.nft.apply(batch)
+
+    # --- lifecycle (reconcile) ----------------------------------------------------------------
+
+    def install_with(
+        self,
+        upserts: Sequence[Element] = (),
+        removals: Sequence[EntryKey] = (),
+        *,
+        present: Collection[EntryKey],
+    ) -> None:
+        """The table's structure and an element change in ONE transaction.
+
+        Used to restore a flushed or partly deleted table: the rules never exist without the
+        entries they should admit. ``present`` must be a fresh read-back; if the batch still
+        races the kernel (an element came or went meanwhile), the structure is installed alone
+        and the elements are applied with a fresh read-back.
+        """
+        plan = plan_changes(upserts, removals, present)
+        structure = render.encode_commands(render.render_table(self.cfg))
+        if plan.empty:
+            self.nft.apply(structure)
+            return
+        destroy = bool(self.features and self.features.destroy_supported)
+        elements = render.encode_element_batch(
+            self.cfg.table, deletes=plan.deletes, creates=plan.creates, destroy=destroy
+        )
+        head = '{"nftables":['
+        if not (structure.startswith(head) and elements.startswith(head)):
+            raise AssertionError("unexpected batch encoding")  # pragma: no cover
+        try:
+            self.nft.apply((structure[:-2] + "," + elements[len(head) :]).encode())
+        except ElementConflict:
+            self.nft.apply(structure)
+            self.apply(upserts, removals)

@@ -195,34 +195,17 @@ def test_a_batch_larger_than_one_netlink_message_lands_as_one_transaction(rig: R
     applied = rig.table.apply(elements, present=set())
 
     assert (len(applied.plan.adds), applied.attempts) == (LARGE, 1)
-    # Waited for, not read once: see test_read_back_right_after_a_large_batch_sees_every_element.
-    wanted = {e.key: e.comment for e in elements}
-    wait_until(
-        lambda: {k: e.comment for k, e in rig.table.read_elements().items()} == wanted,
-        timeout=5,
-        what="a whole listing holding exactly the batch",
-    )
+    seen = rig.table.read_elements()
+    assert {k: e.comment for k, e in seen.items()} == {e.key: e.comment for e in elements}
 
 
 # Measured on 6.18: right after a large batch the kernel may still be growing the set's hash
 # table in a deferred worker (the `size` hint does not reach it: rhashtable's nelem_hint is a u16,
 # so 65536 becomes 0 and the table starts small). A dump racing that rehash is torn: the count is
-# right, but some elements are listed twice in place of others. read_elements() folds the
-# duplicates into its dict and reports the others as absent (e.g. 28,570 of 30,000), so whatever
-# reads right after a large batch plans from a wrong view: removals of the missing keys are
-# dropped as "already gone" by apply(present=None), and reconcile would see live entries as
-# expired. The window is a few ms: the adapter's malloc_trim after batches of 1 MiB or more
-# happens to outlast it, so this batch stays below that. About half the reads tear here; the test
-# tries several times, and is not a strict xfail because a run may still miss the race.
-TORN_READ_BUG = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,
-    reason="BUG (racy): read_elements trusts a dump torn by a concurrent hash resize; "
-    "fix: re-read while one set's listing repeats a value",
-)
-
-
-@TORN_READ_BUG
+# right, but some elements are listed twice in place of others (about half of the reads here, in
+# a window of a few ms; the adapter's malloc_trim after batches of 1 MiB or more happens to
+# outlast it, so this batch stays below that). read_elements re-reads such a listing; the loop
+# gives the race several chances to show.
 def test_read_back_right_after_a_large_batch_sees_every_element(lab: Lab) -> None:
     rig = open_rig(lab)
     first = ipaddress.ip_address("198.18.128.0")

@@ -10,7 +10,13 @@ from collections.abc import Callable
 import pytest
 
 from agent.model import Address, Element, EntryKey
-from agent.rules.plan import ElementPlan, plan_changes, plan_replace_all
+from agent.rules.plan import (
+    ElementPlan,
+    SetOverflow,
+    plan_changes,
+    plan_replace_all,
+    set_overflows,
+)
 
 KEYS = {
     "a4": EntryKey("agent", Address("198.18.0.1")),
@@ -160,6 +166,51 @@ def test_replace_all_result_holds_exactly_the_desired_keys() -> None:
 
 def test_replace_all_with_a_duplicate_desired_key_is_a_value_error() -> None:
     value_error(plan_replace_all, [e("a4"), e("a4", 120)], {})
+
+
+def test_replace_all_takes_the_observed_keys_as_a_plain_set() -> None:
+    observed = {k(n): object() for n in ("a4", "b4", "x4")}
+    desired = [e("a4"), e("a6")]
+    from_set, from_mapping = (plan_replace_all(desired, o) for o in (set(observed), observed))
+    # A set has no order of its own, so neither have the removals planned from it.
+    by_role = [sorted(group) for group in summary(from_set)]
+    assert by_role == [sorted(group) for group in summary(from_mapping)]
+    assert by_role == [["a6"], ["a4"], ["b4", "x4"]]
+
+
+# --- capacity --------------------------------------------------------------------------------
+
+SIZES = {4: 2, 6: 1}
+
+# (upserts, removals, present) -> sets the plan would overfill, as (profile, family, after)
+CAPACITY = [
+    pytest.param(["a4", "b4"], [], [], [], id="filling-exactly-fits"),
+    pytest.param(["a4", "b4", "c4"], [], [], [("agent", 4, 3)], id="one-too-many"),
+    pytest.param(["c4"], [], ["a4", "b4"], [("agent", 4, 3)], id="full-set-takes-no-add"),
+    pytest.param(["a4", "b4"], [], ["a4", "b4"], [], id="refreshes-of-a-full-set-fit"),
+    pytest.param(["c4"], ["a4"], ["a4", "b4"], [], id="a-removal-frees-its-slot-in-the-batch"),
+    pytest.param(["c4"], [], ["a4", "b4", "x4"], [("agent", 4, 3)], id="sets-are-per-profile"),
+    pytest.param(["x4"], [], ["a4", "b4"], [], id="another-profile-has-its-own-set"),
+    pytest.param(["a6", "b6"], [], [], [("agent", 6, 2)], id="sizes-are-per-family"),
+    pytest.param(
+        ["c4", "b6"], [], ["a4", "b4", "a6"], [("agent", 4, 3), ("agent", 6, 2)], id="both"
+    ),
+    pytest.param([], [], ["a4", "b4", "c4"], [], id="an-overfull-set-nothing-adds-to-is-not-named"),
+]
+
+
+@pytest.mark.parametrize(("upserts", "removals", "present", "expected"), CAPACITY)
+def test_set_overflows(
+    upserts: list[str],
+    removals: list[str],
+    present: list[str],
+    expected: list[tuple[str, int, int]],
+) -> None:
+    belief = {k(n) for n in present}
+    plan = plan_changes([e(n) for n in upserts], [k(n) for n in removals], belief)
+    assert set_overflows(plan, belief, SIZES) == tuple(
+        SetOverflow(profile, family, after, SIZES[family]) for profile, family, after in expected
+    )
 
 
 def test_empty_plan_is_empty() -> None:

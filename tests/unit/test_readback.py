@@ -18,6 +18,7 @@ from agent.rules.readback import (
     parse_counters,
     parse_set_elements,
     parse_table_shape,
+    repeated_values,
 )
 
 METAINFO = {
@@ -205,6 +206,68 @@ def test_listing_of_several_sets_reads_them_all() -> None:
         agent("198.18.0.2"),
         agent("2001:db8:1:2::/64"),
     ]
+
+
+# --- torn listings ---------------------------------------------------------------------------
+
+
+def _with_elems(name: str, elems: list[Any]) -> dict[str, Any]:
+    return {"set": {"family": "inet", "name": name, "table": "vicifast", "elem": elems}}
+
+
+def _el(val: Any, expires: int = 59) -> dict[str, Any]:
+    return {"elem": {"val": val, "timeout": 60, "expires": expires}}
+
+
+PREFIX = {"prefix": {"addr": "198.18.0.0", "len": 24}}
+
+# listing -> elements named a second time within one set
+TORN = [
+    pytest.param(ALLOW4_LISTING, 0, id="whole-listing"),
+    pytest.param([METAINFO], 0, id="metainfo-only"),
+    pytest.param(
+        [
+            _with_elems(
+                "allow4_agent", [_el("198.18.0.1"), _el("198.18.0.2"), _el("198.18.0.1", 58)]
+            )
+        ],
+        1,
+        id="a-value-listed-twice-with-another-countdown",
+    ),
+    pytest.param(
+        [_with_elems("allow4_agent", [_el("198.18.0.1")] * 3 + [_el("198.18.0.2")] * 2)],
+        3,
+        id="every-extra-copy-counts",
+    ),
+    pytest.param(
+        [_with_elems("allow4_agent", ["198.18.0.9", _el("198.18.0.9")])],
+        1,
+        id="bare-and-full-form-of-one-value",
+    ),
+    pytest.param(
+        [_with_elems("allow4_agent", [_el(PREFIX), _el(PREFIX)])],
+        1,
+        id="values-that-are-not-strings",
+    ),
+    pytest.param(
+        [
+            _with_elems("allow4_agent", [_el("198.18.0.1")]),
+            _with_elems("other", [_el("198.18.0.1")]),
+        ],
+        0,
+        id="the-same-value-in-two-sets",
+    ),
+    pytest.param(
+        [_with_elems("allow6_agent", [_el("2001:db8:1:2::1"), _el("2001:db8:1:2::2")])],
+        0,
+        id="two-addresses-of-one-slash-64-are-two-values",
+    ),
+]
+
+
+@pytest.mark.parametrize(("listing", "repeats"), TORN)
+def test_repeated_values_tell_a_torn_listing(listing: list[dict[str, Any]], repeats: int) -> None:
+    assert repeated_values(listing) == repeats
 
 
 @pytest.mark.parametrize(
