@@ -61,5 +61,9 @@ kernel: setup
 bench: setup
 	$(PY) -m bench
 
+# Throwaway namespaces, dev PKI and daemon; everything is removed again, also on Ctrl-C.
+demo: setup
+	$(PY) -m agent.demo
+
 clean:
 	rm -rf $(VENV) $(PB_DIR) .stamp-* .mypy_cache .ruff_cache .pytest_cache

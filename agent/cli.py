@@ -54,6 +54,65 @@ def _run(args: argparse.Namespace) -> int:
     return run(Path(args.config))
 
 
+def _dev_pki(args: argparse.Namespace) -> int:
+    # Lazy: key generation pulls in the x509 machinery the other commands never need.
+    from agent.devpki import DEV_ONLY, make_dev_pki  # noqa: PLC0415
+
+    material = make_dev_pki(args.directory, args.agent_id, validity_days=args.days)
+    connection = material.directory / "ctl.toml"
+    connection.write_text(
+        ctl.connection_file_text(
+            {
+                "target": args.target,
+                "agent_id": material.agent_id,
+                "ca": material.ca_cert.name,
+                "cert": material.client.cert.name,
+                "key": material.client.key.name,
+                "signing_key": material.signing.key.name,
+                "keyid": material.signing.keyid,
+            },
+            comment=f"{DEV_ONLY}: the dev control plane's connection to agent {material.agent_id}",
+        )
+    )
+    files = {
+        "ca_cert": (material.ca_cert, "the agent's client CA; callers verify the agent with it"),
+        "ca_key": (material.ca_key, "the dev CA's private key"),
+        "server_cert": (material.server.cert, "the agent's server certificate"),
+        "server_key": (material.server.key, "its private key"),
+        "client_cert": (material.client.cert, "the control plane's mTLS client certificate"),
+        "client_key": (material.client.key, "its private key"),
+        "signing_key": (material.signing.key, "the control plane's Ed25519 signing key"),
+        "config_snippet": (material.config_snippet, "the agent's [api] and trusted keys"),
+        "ctl_connection": (connection, "settings for vicifast-agent ctl --connection"),
+    }
+    warning = f"{DEV_ONLY}: throw-away keys and certificates for demos and tests; never deploy them"
+    if args.json:
+        print(warning, file=sys.stderr)
+        summary = {
+            "dev_only": True,
+            "warning": warning,
+            "directory": str(material.directory),
+            "agent_id": material.agent_id,
+            "keyid": material.signing.keyid,
+            "public_key": material.signing.public_b64,
+            "files": {name: str(path) for name, (path, _) in files.items()},
+        }
+        print(json.dumps(summary))
+        return 0
+    print(f"*** {warning} ***")
+    width = max(len(str(path)) for path, _ in files.values())
+    for path, what in files.values():
+        print(f"wrote {str(path).ljust(width)}  {what}")
+    print(f"signing keyid {material.signing.keyid}")
+    print(
+        f"config snippet: {material.config_snippet}"
+        f' (add agent_id = "{material.agent_id}" and your [firewall]/[state] tables)'
+    )
+    print(f"ctl connection: vicifast-agent ctl --connection {connection} state")
+    print(f"*** {DEV_ONLY} ***")
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(json.dumps({"version": __version__}) if args.json else f"vicifast-agent {__version__}")
     return 0
@@ -74,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon (systemd starts this)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser(
+        "dev-pki",
+        help="DEV/TEST ONLY: write a throw-away CA, mTLS certificates, a signing key, configs",
+        description="DEV/TEST ONLY. Writes ca.crt/ca.key, server.crt/server.key,"
+        " client.crt/client.key, signing.key, config-snippet.toml (the agent's [api] and"
+        " [signing.trusted_keys]) and ctl.toml (a `ctl --connection` file) into DIRECTORY."
+        " Existing files of these names are replaced. Never use this material in production.",
+    )
+    p.add_argument("directory", metavar="DIRECTORY")
+    p.add_argument("--agent-id", default="dev-agent", help="the agent's id (default dev-agent)")
+    p.add_argument("--days", type=int, default=30, help="certificate validity (default 30)")
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:7443",
+        help="the agent's address written into ctl.toml (default 127.0.0.1:7443)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_dev_pki)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true")
