@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
-from agent.rpc.pb import agent_pb2, agent_pb2_grpc
-from agent.rpc.service import FirewallAgentService
+from agent.rpc.pb import agent_pb2
+from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
+from agent.rpc.service import FirewallAgentService, add_to_server
 from agent.rpc.status import abort
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,13 @@ class GuardedHealth(health.HealthServicer):
 
 
 class AgentServer:
-    def __init__(self, cfg: AgentConfig, service: FirewallAgentService) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        service: FirewallAgentService,
+        *,
+        interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    ) -> None:
         self.service = service
         self._material = TlsMaterial.load(cfg)
         self._fresh: grpc.ServerCertificateConfiguration | None = None
@@ -95,13 +102,15 @@ class AgentServer:
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
             options=[
-                ("grpc.max_receive_message_length", cfg.api.max_message_bytes),
+                ("grpc.max_receive_message_length", cfg.api.max_message_bytes + SLACK),
                 ("grpc.max_send_message_length", cfg.api.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs,
+            interceptors=list(interceptors),  # observers only (metrics); they never change a call
         )
-        agent_pb2_grpc.add_FirewallAgentServicer_to_server(service, self._server)
+        # Signed RPCs decode malformed and over-size envelopes too, answering with reason words.
+        add_to_server(service, self._server, cfg.api.max_message_bytes)
         self.health = GuardedHealth(service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if cfg.api.reflection:

@@ -11,14 +11,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agent import __version__
 from agent.config import AgentConfig
 from agent.engine import Engine, Outcome
-from agent.errors import AgentError
+from agent.errors import AgentError, ResourceExhausted, Unauthenticated
 from agent.rpc import convert
 from agent.rpc.auth import CallerPolicy
 from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope
@@ -27,6 +28,48 @@ from agent.rpc.status import abort
 from agent.state import Command, Event, EventKind, RequestMeta
 
 T = TypeVar("T")
+SERVICE_NAME: Final = agent_pb2.DESCRIPTOR.services_by_name["FirewallAgent"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Request bytes that are not a ``SignedEnvelope`` at all: a malformed envelope."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """Request bytes over ``api.max_message_bytes``: refused unparsed."""
+
+    size: int
+    limit: int
+
+
+Envelope = agent_pb2.SignedEnvelope | Undecodable | Oversized
+# gRPC core refuses a message over its own limit with its own words and no reason word, so its
+# limit sits this far above the configured cap and the decoder refuses the excess itself.
+TRANSPORT_SLACK_BYTES = 1024 * 1024
+
+
+def envelope_decoder(max_bytes: int) -> Callable[[bytes], Envelope]:
+    """The transport's request decoder for signed RPCs.
+
+    grpcio answers a request its decoder raises on with a bare ``INTERNAL``; the protocol says a
+    malformed envelope is ``UNAUTHENTICATED malformed_envelope`` and an over-size one
+    ``RESOURCE_EXHAUSTED request_too_large``, so the decoder returns a value and the handler
+    decides.
+    """
+
+    def decode(data: bytes) -> Envelope:
+        if len(data) > max_bytes:
+            return Oversized(len(data), max_bytes)
+        try:
+            return agent_pb2.SignedEnvelope.FromString(data)
+        except DecodeError:
+            return Undecodable(len(data))
+
+    return decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +116,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     def _signed(
         self,
         rpc: str,
-        envelope: agent_pb2.SignedEnvelope,
+        envelope: Envelope,
         context: grpc.ServicerContext,
         message_type: type[SignedRequestT],
         build: Callable[[SignedRequestT, RequestMeta, AgentConfig], Command],
@@ -83,6 +126,14 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         try:
             s = self.settings
             caller = s.callers.identify(context)
+            if isinstance(envelope, Oversized):
+                raise ResourceExhausted(
+                    "request_too_large", f"{envelope.size} bytes, at most {envelope.limit}"
+                )
+            if isinstance(envelope, Undecodable):
+                raise Unauthenticated(
+                    "malformed_envelope", f"{envelope.size} bytes that are not a SignedEnvelope"
+                )
             opened: OpenedRequest[SignedRequestT] = open_envelope(
                 envelope, message_type, s.trust, int(self.clock() * 1000)
             )
@@ -105,28 +156,20 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             if self.observe:
                 self.observe(rpc, code, time.monotonic() - started)
 
-    def Allow(
-        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
-    ) -> agent_pb2.ApplyResult:
+    def Allow(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
         return self._signed(
             "Allow", request, context, agent_pb2.AllowRequest, convert.allow_command
         )
 
-    def Revoke(
-        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
-    ) -> agent_pb2.ApplyResult:
+    def Revoke(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
         return self._signed(
             "Revoke", request, context, agent_pb2.RevokeRequest, convert.revoke_command
         )
 
-    def Sync(
-        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
-    ) -> agent_pb2.ApplyResult:
+    def Sync(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
         return self._signed("Sync", request, context, agent_pb2.SyncRequest, convert.sync_command)
 
-    def Erase(
-        self, request: agent_pb2.SignedEnvelope, context: grpc.ServicerContext
-    ) -> agent_pb2.ApplyResult:
+    def Erase(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
         return self._signed(
             "Erase", request, context, agent_pb2.EraseRequest, convert.erase_command
         )
@@ -202,6 +245,30 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                         since,
                     )
                 )
+
+
+def add_to_server(service: FirewallAgentService, server: grpc.Server, max_bytes: int) -> None:
+    """Register ``service`` like the generated ``add_FirewallAgentServicer_to_server``, but with
+    ``envelope_decoder(max_bytes)`` as the signed RPCs' request decoder."""
+    apply = agent_pb2.ApplyResult.SerializeToString
+    decode_envelope = envelope_decoder(max_bytes)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name), request_deserializer=decode_envelope, response_serializer=apply
+        )
+        for name in ("Allow", "Revoke", "Sync", "Erase")
+    }
+    handlers["GetState"] = grpc.unary_unary_rpc_method_handler(
+        service.GetState,
+        request_deserializer=agent_pb2.GetStateRequest.FromString,
+        response_serializer=agent_pb2.AgentState.SerializeToString,
+    )
+    handlers["WatchEvents"] = grpc.unary_stream_rpc_method_handler(
+        service.WatchEvents,
+        request_deserializer=agent_pb2.WatchEventsRequest.FromString,
+        response_serializer=agent_pb2.AgentEvent.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def _result(o: Outcome) -> agent_pb2.ApplyResult:

@@ -3,18 +3,28 @@
 ``agent`` is a started ``DevAgent`` (agent.devlab) living in ``lab.srv``, so real packets from
 ``lab.cli`` meet its table; ``client`` is the control plane's real client reaching it through a
 loopback relay. Everything is torn down after each test.
+
+``shared`` is one daemon for a whole module (its own lab), for tables of refusals: a refused
+request changes nothing, and each case asserts exactly that, so the cases cannot interfere.
+``AgentRig`` starts more such daemons with other configurations.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from e2ekit import Observed, RawCaller, observe
 from netlab import Lab
 
 from agent.devlab import DevAgent, TcpRelay
 from agent.rpc.client import AgentClient
+
+_ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
 
 
 @pytest.fixture
@@ -36,3 +46,83 @@ def client(agent: DevAgent, relay: TcpRelay) -> Iterator[AgentClient]:
     c = agent.client(relay.address)
     yield c
     c.close()
+
+
+@pytest.fixture
+def raw(agent: DevAgent, relay: TcpRelay) -> Iterator[RawCaller]:
+    r = RawCaller(agent, relay.address)
+    yield r
+    r.close()
+
+
+# --- one daemon per module ----------------------------------------------------------------
+
+
+def require_kernel(config: pytest.Config) -> None:
+    """tests/conftest.py's rule for module-scoped fixtures: skip, or fail when CI=true."""
+    root = next(
+        p
+        for p in config.pluginmanager.get_plugins()
+        if getattr(p, "__file__", None) == str(_ROOT_CONFTEST)
+    )
+    reason = root.missing_kernel()
+    if reason is None:
+        return
+    if root.in_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class AgentRig:
+    """A started daemon in ``lab.srv`` with a relay and a raw caller."""
+
+    lab: Lab
+    agent: DevAgent
+    relay: TcpRelay
+    raw: RawCaller
+
+    def observe(self) -> Observed:
+        return observe(self.raw, self.lab.srv, self.agent.table)
+
+    def client(self) -> AgentClient:
+        return self.agent.client(self.relay.address)
+
+    def restart(self) -> None:
+        """SIGTERM, start again, and a fresh connection (the old one saw the listener go)."""
+        self.agent.stop()
+        self.agent.start()
+        self.raw.close()
+        self.raw = RawCaller(self.agent, self.relay.address)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def running(lab: Lab, directory: Path, **kw: Any) -> Iterator[AgentRig]:
+        """Start a daemon made by ``DevAgent(**kw)``; ``configure(dev)``, if given, runs first
+        (e.g. to rewrite its config)."""
+        configure = kw.pop("configure", None)
+        with DevAgent(directory, lab.srv.name, **kw) as dev:
+            if configure is not None:
+                configure(dev)
+            dev.start()
+            relay = dev.relay()
+            raw = RawCaller(dev, relay.address)
+            rig = AgentRig(lab, dev, relay, raw)
+            try:
+                yield rig
+            finally:
+                rig.raw.close()
+                relay.close()
+
+
+@pytest.fixture(scope="module")
+def module_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    require_kernel(request.config)
+    with Lab() as fresh:
+        yield fresh
+
+
+@pytest.fixture(scope="module")
+def shared(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRig]:
+    with AgentRig.running(module_lab, tmp_path_factory.mktemp("shared")) as rig:
+        yield rig
