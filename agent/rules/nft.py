@@ -55,6 +55,10 @@ class ElementConflict(KernelError):
     """The batch raced the kernel's view of a set (ENOENT/EEXIST); nothing was changed."""
 
 
+# Told the duration of every transaction and its error (None when it committed); must not raise.
+TransactionObserver = Callable[[float, AgentError | None], None]
+
+
 class NftContext(Protocol):
     # The binding answers in the type it was given: str for a str command, bytes for bytes.
     def cmd(self, cmdline: str | bytes) -> tuple[int, str | bytes, str | bytes]: ...
@@ -94,11 +98,17 @@ def classify_failure(err: int, detail: str) -> AgentError:
 class NftAdapter:
     """Serialises access to one libnftables context (it is not thread-safe)."""
 
-    def __init__(self, context_factory: Callable[[], NftContext] | None = None) -> None:
+    def __init__(
+        self,
+        context_factory: Callable[[], NftContext] | None = None,
+        *,
+        observe: TransactionObserver | None = None,
+    ) -> None:
         factory = context_factory or nftables.Nftables
         self._ctx = factory()
         self._ctx.set_json_output(True)
         self._lock = threading.Lock()
+        self.observe = observe
 
     def apply(self, batch: str | bytes) -> None:
         """Run ``batch`` (libnftables JSON text) as one transaction, or raise a ``KernelError``.
@@ -107,13 +117,18 @@ class NftAdapter:
         encodes a str to a second copy for the call (libnftables makes a third).
         """
         with self._lock:
+            started = time.monotonic()
             _reset_errno()
             rc, _out, err_text = self._ctx.cmd(batch)
             err = _current_errno()
+            elapsed = time.monotonic() - started
         if len(batch) >= RELEASE_AFTER_BYTES:
             release_free_memory()
-        if rc != 0:
-            raise classify_failure(err, _detail(err_text))
+        failure = classify_failure(err, _detail(err_text)) if rc != 0 else None
+        if self.observe is not None:
+            self.observe(elapsed, failure)
+        if failure is not None:
+            raise failure
 
     def query(self, command: dict[str, Any], *, terse: bool = False) -> list[dict[str, Any]]:
         """Run a ``list`` command and return the ``nftables`` array without its metainfo.

@@ -1,0 +1,197 @@
+"""Event-driven metrics: gRPC requests (through a server interceptor) and kernel transactions.
+
+Owns the counters and histograms that are moved as things happen, all in the registry handed in.
+It observes outcomes and never changes them: the interceptor passes every call, result and
+status through untouched, and the kernel observer only records what ``NftAdapter`` reports.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from agent.errors import AgentError
+from agent.metrics.collectors import PREFIX
+
+# Codes whose refusals are authentication failures (PROTOCOL.md "Errors").
+AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# Reason words are code constants (agent.errors); anything else becomes "other", so a label can
+# never take an unbounded set of values from message text.
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
+KERNEL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+def rpc_name(method: str) -> str:
+    """``/vicifast.agent.v1.FirewallAgent/Allow`` -> ``Allow``; health -> ``Health.Check``.
+
+    The agent's own RPCs keep their bare names; other services' methods carry the service's
+    short name so that the health check's ``Check`` cannot be confused with an agent RPC.
+    """
+    service, _, name = method.rpartition("/")
+    short = service.rpartition(".")[2]
+    return name if short == "FirewallAgent" else f"{short}.{name}"
+
+
+def reason_word(details: str | bytes | None) -> str:
+    """The first word of a status message (the agent's reason word), or ``other``."""
+    text = details.decode(errors="replace") if isinstance(details, bytes) else details or ""
+    first = re.split(r"[:\s]", text.strip(), maxsplit=1)[0]
+    return first if _REASON.fullmatch(first) else "other"
+
+
+class RequestMetrics:
+    """Requests by RPC and code, durations by RPC, authentication failures by reason."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            PREFIX + "requests",
+            "gRPC requests answered, by RPC and gRPC status code.",
+            ["rpc", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time to answer a unary gRPC request, by RPC (streams are not timed).",
+            ["rpc"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            PREFIX + "auth_failures",
+            "Requests refused as UNAUTHENTICATED or PERMISSION_DENIED, by reason word.",
+            ["reason"],
+            registry=registry,
+        )
+
+    def record(
+        self, rpc: str, code: grpc.StatusCode, details: str | bytes | None, seconds: float | None
+    ) -> None:
+        self.requests.labels(rpc, code.name).inc()
+        if seconds is not None:
+            self.duration.labels(rpc).observe(seconds)
+        if code in AUTH_CODES:
+            self.auth_failures.labels(reason_word(details)).inc()
+
+
+def _outcome(context: grpc.ServicerContext, raised: bool) -> tuple[grpc.StatusCode, Any]:
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
+    details = context.details()  # type: ignore[attr-defined]
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
+    return code, details
+
+
+class RequestInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Times and counts every call of a registered method; unknown methods are not counted."""
+
+    def __init__(self, metrics: RequestMetrics, clock: Callable[[], float] = time.monotonic):
+        self.metrics = metrics
+        self.clock = clock
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        rpc = rpc_name(handler_call_details.method)
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(rpc, handler.unary_unary), **codec
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(rpc, handler.unary_stream), **codec
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(rpc, handler.stream_unary), **codec
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(rpc, handler.stream_stream), **codec
+            )
+        return handler  # pragma: no cover  # grpc always sets one behaviour
+
+    def _unary(self, rpc: str, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            started = self.clock()
+            raised = True
+            try:
+                response = behaviour(request, context)
+                raised = False
+                return response
+            finally:
+                code, details = _outcome(context, raised)
+                self.metrics.record(rpc, code, details, self.clock() - started)
+
+        return call
+
+    def _stream(
+        self, rpc: str, behaviour: Callable[[Any, Any], Iterator[Any]]
+    ) -> Callable[[Any, Any], Iterator[Any]]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            ended = "raised"
+            try:
+                yield from behaviour(request, context)
+                ended = "returned"
+            except GeneratorExit:  # grpc closes the stream when the client went away
+                ended = "cancelled"
+                raise
+            finally:
+                if ended == "cancelled":
+                    code, details = grpc.StatusCode.CANCELLED, None
+                else:
+                    code, details = _outcome(context, ended == "raised")
+                self.metrics.record(rpc, code, details, None)
+
+        return call
+
+
+class KernelMetrics:
+    """Duration of every libnftables transaction and failures by reason word."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            PREFIX + "kernel_transaction_duration_seconds",
+            "Time of one nftables transaction (one libnftables call), failed ones included.",
+            buckets=KERNEL_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            PREFIX + "kernel_transaction_failures",
+            "nftables transactions the kernel refused (nothing changed), by reason word.",
+            ["reason"],
+            registry=registry,
+        )
+
+    def observe(self, seconds: float, error: AgentError | None) -> None:
+        """The ``NftAdapter`` observer: called after each transaction."""
+        self.duration.observe(seconds)
+        if error is not None:
+            self.failures.labels(error.reason).inc()
