@@ -1,9 +1,311 @@
-"""The sysadmin's CLI (status, list, allow, revoke, doctor, why) over the daemon's local socket."""
+"""The sysadmin's CLI (status, list, allow, revoke, doctor, why) over the daemon's local socket.
+
+Every command asks the daemon (``agent.local.client``); none reads or edits the nftables table
+itself, so a grant made here is ordered, recorded and reported like any other. Output is a
+human-readable table by default and JSON with ``--json``. Only ``doctor`` works without the
+daemon, from files alone, and says so.
+
+Exit codes: 0 success; 1 ``why``: not admitted (or another table may drop it), ``doctor``:
+warnings; 2 ``doctor``: problems; 3 the daemon refused the request (the reason word is
+printed); 4 the daemon is not reachable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import doctor
+from agent.config import DEFAULT_CONFIG_PATH, LocalConfig, load_config
+from agent.errors import ConfigError
+from agent.local.client import LocalCallError, LocalClient, LocalUnreachable
+
+EXIT_REFUSED = 3
+EXIT_UNREACHABLE = 4
+
+
+# --- pure rendering ----------------------------------------------------------------------------
+
+
+def format_duration(seconds: int) -> str:
+    """``3725`` -> ``1h 2m``; the two largest units, for a human glancing at a table."""
+    if seconds < 60:
+        return f"{seconds}s"
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    parts: list[str] = []
+    rest = seconds
+    for name, size in units:
+        if rest >= size or parts:
+            parts.append(f"{rest // size}{name}")
+            rest %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _ago(now_ms: int, at_ms: int) -> str:
+    if not at_ms:
+        return "never"
+    return f"{format_duration(max(0, (now_ms - at_ms) // 1000))} ago"
+
+
+def format_status(s: dict[str, Any]) -> str:
+    now = int(s["now_ms"])
+    by_profile = ", ".join(f"{p} {n}" for p, n in s["entries_by_profile"].items())
+    lines = [
+        f"vicifast-agent {s['version']} (pid {s['pid']}), agent_id {s['agent_id']}",
+        f"  up:            {format_duration(max(0, (now - int(s['started_at_ms'])) // 1000))}",
+        f"  entries:       {s['entries']} ({s['local_entries']} local; {by_profile})",
+        f"  state_version: {s['state_version']}",
+        f"  table:         {s['table']}, {'in sync' if s['in_sync'] else 'OUT OF SYNC'}, "
+        f"verified {_ago(now, int(s['last_verified_at_ms']))}, "
+        f"{s['drift_repairs']} drift repairs",
+        f"  listening:     api {s['listen']['api']}, metrics {s['listen']['metrics']}, "
+        f"local {s['listen']['local']}",
+    ]
+    if not s["shadowing"]:
+        lines.append("  shadowing:     none")
+    for sh in s["shadowing"]:
+        lines.append(f"  SHADOWING:     {sh['description']}")
+    return "\n".join(lines)
+
+
+def format_entries(result: dict[str, Any]) -> str:
+    entries = result["entries"]
+    rows = [
+        [
+            e["address"],
+            e["profile"],
+            e["subject"] or "-",
+            format_duration(int(e["expires_in_s"])),
+            e["source"],
+            e["request_id"],
+        ]
+        for e in entries
+    ]
+    table = render_table(["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES IN", "SOURCE", "REQUEST"], rows)
+    return f"{table}\n{len(entries)} entries (state_version {result['state_version']})"
+
+
+def format_outcome(result: dict[str, Any], now_ms: int) -> str:
+    rows = [
+        [
+            r["address"],
+            r["profile"],
+            r["status"],
+            format_duration(max(0, (int(r["expires_at_ms"]) - now_ms) // 1000))
+            if r["expires_at_ms"]
+            else "-",
+            r["reason"] or "",
+        ]
+        for r in result["results"]
+    ]
+    lines = [render_table(["ADDRESS", "PROFILE", "STATUS", "EXPIRES IN", "REASON"], rows)]
+    tail = f"request {result['request_id']}, state_version {result['state_version']}"
+    if "ttl_s" in result:
+        capped = " (capped by [local] ttl_cap_s)" if result["ttl_capped"] else ""
+        tail = f"local grant for {result['ttl_s']} s{capped}; {tail}"
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def why_exit_code(result: dict[str, Any]) -> int:
+    others_drop = any(c["outcome"] != "accepts" for c in result["other_chains"])
+    return 0 if result["agent"]["admitted"] and not others_drop else 1
+
+
+def format_why(result: dict[str, Any]) -> str:
+    p = result["packet"]
+    a = result["agent"]
+    verdict = "ADMITTED" if a["admitted"] else "DROPPED"
+    lines = [f"{p['protocol']}/{p['port']} from {p['address']}:"]
+    lines.append(f"  agent's table: {verdict} ({a['admission']}): {a['explanation']}")
+    entry = a.get("state_entry")
+    if entry:
+        lines.append(
+            f"    entry: subject {entry['subject'] or '-'}, {entry['source']}, expires in "
+            f"{format_duration(int(entry['expires_in_s']))}, request {entry['request_id']}"
+        )
+    if not result["other_chains"]:
+        lines.append("  other tables: no other base chain on the input hook")
+    for c in result["other_chains"]:
+        word = {"accepts": "accepts", "drops": "DROPS", "may_drop": "MAY DROP"}[c["outcome"]]
+        lines.append(
+            f"  {c['chain']} (priority {c['priority']}, policy {c['policy']}): {word}: "
+            f"{c['reason']}"
+        )
+    lines.append(
+        "  verdict: admitted"
+        if why_exit_code(result) == 0
+        else "  verdict: NOT admitted (or another table may still drop it)"
+    )
+    return "\n".join(lines)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    try:
+        return load_config(Path(args.config)).local.socket
+    except ConfigError:
+        return LocalConfig().socket
+
+
+def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result) if args.json else text)
+
+
+def _call(args: argparse.Namespace, op: str, **params: Any) -> dict[str, Any] | int:
+    """The daemon's result, or the exit code after printing why there is none."""
+    try:
+        return LocalClient(_socket_path(args), timeout=args.timeout).call(op, **params)
+    except LocalUnreachable as exc:
+        _fail(args, "unreachable", exc.reason, str(exc.path))
+        return EXIT_UNREACHABLE
+    except LocalCallError as exc:
+        _fail(args, exc.reason, exc.detail, exc.kind.value)
+        return EXIT_REFUSED
+
+
+def _fail(args: argparse.Namespace, reason: str, detail: str, context: str) -> None:
+    if args.json:
+        print(json.dumps({"error": {"reason": reason, "detail": detail, "context": context}}))
+    else:
+        print(f"vicifast-agent: {reason}: {detail} ({context})", file=sys.stderr)
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = _call(args, "status")
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_status(result))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    result = _call(args, "list", profile=args.profile or "", subject=args.subject or "")
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_entries(result))
+    return 0
+
+
+def _allow(args: argparse.Namespace) -> int:
+    result = _call(
+        args,
+        "allow",
+        addresses=args.addresses,
+        ttl=args.ttl,
+        subject=args.subject,
+        profile=args.profile,
+    )
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_outcome(result, int(time.time() * 1000)))
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    if bool(args.addresses) == bool(args.subject):
+        print("vicifast-agent revoke: give ADDRESS... or --subject, not both", file=sys.stderr)
+        return 2
+    result = _call(
+        args, "revoke", addresses=args.addresses, subject=args.subject, profile=args.profile
+    )
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_outcome(result, int(time.time() * 1000)))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    try:
+        result = LocalClient(path, timeout=args.timeout).call("doctor")
+        checks = [doctor.Check.from_json(c) for c in result["checks"]]
+    except LocalUnreachable as exc:
+        checks = [doctor.daemon_unreachable(path, exc.reason)]
+        checks += doctor.offline_checks(Path(args.config), time.time())
+    except LocalCallError as exc:
+        checks = [doctor.daemon_unreachable(path, f"refused: {exc}")]
+        checks += doctor.offline_checks(Path(args.config), time.time())
+    code = doctor.exit_code(checks)
+    if args.json:
+        print(json.dumps({"checks": [c.to_json() for c in checks], "exit_code": code}))
+    else:
+        print(doctor.render(checks))
+    return code
+
+
+def _why(args: argparse.Namespace) -> int:
+    result = _call(args, "why", address=args.address, port=args.port)
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_why(result))
+    return why_exit_code(result)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--socket", help="the daemon's local socket (default: from --config)")
+    p.add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH), help="config file naming the socket"
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the sysadmin's commands on the top-level parser."""
+    p = sub.add_parser("status", help="the daemon's state in one screen")
+    _common(p)
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("list", help="entries the kernel enforces")
+    _common(p)
+    p.add_argument("--profile", help="only this profile")
+    p.add_argument("--subject", help="only this subject")
+    p.set_defaults(handler=_list)
+
+    p = sub.add_parser("allow", help="grant ADDRESS locally (TTL capped by [local] ttl_cap_s)")
+    _common(p)
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--ttl", type=int, default=0, help="seconds (0 = default, capped)")
+    p.add_argument("--subject", default="", help="who the grant is for")
+    p.add_argument("--profile", default="", help="port profile (default profile if omitted)")
+    p.set_defaults(handler=_allow)
+
+    p = sub.add_parser("revoke", help="remove entries by address or by subject")
+    _common(p)
+    p.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    p.add_argument("--subject", default="", help="every entry of this subject")
+    p.add_argument("--profile", default="", help="only in this profile (default: every profile)")
+    p.set_defaults(handler=_revoke)
+
+    p = sub.add_parser("doctor", help="check the agent and its host, explain what is wrong")
+    _common(p)
+    p.set_defaults(handler=_doctor)
+
+    p = sub.add_parser("why", help="would a packet from ADDRESS to PORT/PROTO be admitted?")
+    _common(p)
+    p.add_argument("address", metavar="ADDRESS")
+    p.add_argument("port", metavar="PORT/PROTO", help="e.g. 5060/udp")
+    p.set_defaults(handler=_why)

@@ -1,0 +1,354 @@
+"""The daemon's side of the local socket: status, list, allow, revoke, doctor, why.
+
+Owns what an on-host caller may ask and how a local grant is made: the same field validation
+as the gRPC API (``agent.rpc.convert`` over the same messages), the local policy (TTL cap,
+``local-`` request ids) and the engine's single writer, so ordering, ``state_version`` and
+events are shared with remote requests. It never edits the table itself and reads the kernel
+only through cheap listings (``agent.local.kernel_view``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__, doctor
+from agent.config import AgentConfig, Profile
+from agent.engine import Engine, Outcome
+from agent.errors import AgentError
+from agent.local.access import Peer, local_request_id, local_ttl
+from agent.local.kernel_view import read_other_input_chains
+from agent.local.wire import LocalRequest, arg_int, arg_str, arg_strings
+from agent.rpc import convert
+from agent.rpc.pb import agent_pb2
+from agent.rpc.service import Health
+from agent.rules.shadowing import Shadow, read_shadowing
+from agent.rules.structure import Structure, expected_structure, read_structure
+from agent.rules.table import FirewallTable
+from agent.state import Entry, RequestMeta
+from agent.why import (
+    agent_verdict,
+    entry_address,
+    other_chains_verdicts,
+    parse_packet,
+    protected_by,
+)
+
+log = logging.getLogger("vicifast-agent.local")
+
+
+def entry_json(e: Entry, now_ms: int) -> dict[str, Any]:
+    return {
+        "address": e.key.address.text,
+        "profile": e.key.profile,
+        "subject": e.subject,
+        "created_at_ms": e.created_at_ms,
+        "expires_at_ms": e.expires_at_ms,
+        "expires_in_s": max(0, (e.expires_at_ms - now_ms) // 1000),
+        "source": "local" if e.local else "remote",
+        "request_id": e.request_id,
+    }
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    return {
+        "request_id": o.request_id,
+        "state_version": o.state_version,
+        "results": [
+            {
+                "address": r.address,
+                "profile": r.profile,
+                "status": r.status.name,
+                "expires_at_ms": r.expires_at_ms,
+                "reason": r.reason,
+            }
+            for r in o.results
+        ],
+    }
+
+
+class LocalService:
+    def __init__(
+        self,
+        engine: Engine,
+        table: FirewallTable,
+        *,
+        config: Callable[[], AgentConfig],
+        config_path: Path,
+        health: Callable[[], Health] = Health,
+        shadowing: Callable[[], Sequence[Shadow]] = tuple,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.table = table
+        self.config = config
+        self.config_path = config_path
+        self.health = health
+        self.shadowing = shadowing
+        self.clock = clock
+        self.started_at_ms = int(clock() * 1000)
+
+    def handle(self, request: LocalRequest, peer: Peer) -> dict[str, Any]:
+        handlers: dict[str, Callable[[dict[str, Any], Peer], dict[str, Any]]] = {
+            "status": self._status,
+            "list": self._list,
+            "allow": self._allow,
+            "revoke": self._revoke,
+            "doctor": self._doctor,
+            "why": self._why,
+        }
+        return handlers[request.op](request.args, peer)
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def _status(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cfg = self.config()
+        entries, version = self.engine.snapshot()
+        h = self.health()
+        by_profile: dict[str, int] = dict.fromkeys(cfg.profile_names, 0)
+        for e in entries:
+            by_profile[e.key.profile] = by_profile.get(e.key.profile, 0) + 1
+        return {
+            "agent_id": cfg.agent_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "started_at_ms": self.started_at_ms,
+            "now_ms": self._now_ms(),
+            "state_version": version,
+            "entries": len(entries),
+            "local_entries": sum(1 for e in entries if e.local),
+            "entries_by_profile": by_profile,
+            "in_sync": h.in_sync,
+            "last_verified_at_ms": h.last_verified_at_ms,
+            "drift_repairs": h.drift_repairs,
+            "shadowing": [_shadow_json(s) for s in self.shadowing()],
+            "table": f"inet {cfg.firewall.table}",
+            "listen": {
+                "api": cfg.api.listen,
+                "metrics": cfg.metrics.listen,
+                "local": str(cfg.local.socket),
+            },
+            "local_ttl_cap_s": cfg.local.ttl_cap_s,
+        }
+
+    def _list(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        profile, subject = arg_str(args, "profile"), arg_str(args, "subject")
+        entries, version = self.engine.snapshot()
+        now = self._now_ms()
+        chosen = [
+            entry_json(e, now)
+            for e in sorted(entries, key=lambda e: e.key)
+            if (not profile or e.key.profile == profile) and (not subject or e.subject == subject)
+        ]
+        return {"state_version": version, "now_ms": now, "entries": chosen}
+
+    def _doctor(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cfg = self.config()
+        now_s = self.clock()
+        config_check, _ = doctor.check_config_file(self.config_path)
+        checks = [
+            doctor.Check("daemon", doctor.Level.OK, f"running, pid {os.getpid()}, {__version__}"),
+            config_check,
+        ]
+        features = self.table.features
+        checks.append(doctor.check_kernel(_features_json(features)))
+        try:
+            observed = read_structure(self.table.nft, cfg.firewall.table)
+            missing = expected_structure(cfg.firewall).missing_from(observed)
+            checks.append(doctor.check_table(cfg.firewall.table, _present(observed), missing))
+            found = read_shadowing(
+                self.table.nft,
+                own_table=cfg.firewall.table,
+                own_priority=cfg.firewall.chain_priority,
+                protected=[port for p in cfg.firewall.profiles for port in p.ports],
+            )
+            checks += doctor.check_shadowing(found)
+        except AgentError as exc:
+            checks.append(
+                doctor.Check("table", doctor.Level.PROBLEM, f"cannot list nftables: {exc.message}")
+            )
+        h = self.health()
+        if not h.in_sync:
+            checks.append(
+                doctor.Check(
+                    "sync",
+                    doctor.Level.WARNING,
+                    "the kernel's table does not match the agent's state right now",
+                    "the daemon repairs drift on its own; see its log if this persists",
+                )
+            )
+        checks += doctor.check_state_dir(cfg.state.directory)
+        checks += doctor.check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
+        checks.append(
+            doctor.check_clock(
+                now_s,
+                reference_mtimes=doctor.reference_mtimes(cfg),
+                synchronized=doctor.clock_synchronized(),
+            )
+        )
+        return {"checks": [c.to_json() for c in checks], "exit_code": doctor.exit_code(checks)}
+
+    def _why(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cfg = self.config()
+        packet = parse_packet(arg_str(args, "address"), arg_str(args, "port"))
+        assert packet.source is not None
+        present = _present(read_structure(self.table.nft, cfg.firewall.table))
+        target = protected_by(cfg.firewall, packet)
+        in_set = False
+        entry: dict[str, Any] | None = None
+        if present and isinstance(target, Profile):
+            key = entry_address(packet.source, cfg.firewall.ipv6_prefix)
+            observed = self.table.read_elements([(target.name, packet.family)])
+            in_set = any(k.address == key for k in observed)
+            entries, _ = self.engine.snapshot()
+            now = self._now_ms()
+            entry = next(
+                (
+                    entry_json(e, now)
+                    for e in entries
+                    if e.key.address == key and e.key.profile == target.name
+                ),
+                None,
+            )
+        verdict = agent_verdict(cfg.firewall, packet, in_dynamic_set=in_set, table_present=present)
+        view = read_other_input_chains(self.table.nft, cfg.firewall.table)
+        others = other_chains_verdicts(view, packet)
+        return {
+            "packet": {
+                "address": str(packet.source),
+                "port": packet.port,
+                "protocol": packet.protocol,
+            },
+            "agent": {
+                "admission": verdict.admission.value,
+                "admitted": verdict.admission.admitted,
+                "profile": verdict.profile,
+                "entry": verdict.entry,
+                "explanation": verdict.explanation,
+                "state_entry": entry,
+            },
+            "other_chains": [
+                {
+                    "chain": str(f.chain.ref),
+                    "priority": f.chain.priority,
+                    "policy": f.chain.policy,
+                    "outcome": f.outcome.value,
+                    "reason": f.reason,
+                }
+                for f in others
+            ],
+        }
+
+    # --- changes ---------------------------------------------------------------------------------
+
+    def _meta(self, rpc: str, args: dict[str, Any], peer: Peer) -> RequestMeta:
+        cfg = self.config()
+        now = self._now_ms()
+        request_id = local_request_id()
+        digest = hashlib.sha256(
+            json.dumps([request_id, rpc, args], sort_keys=True).encode()
+        ).digest()
+        return RequestMeta(
+            request_id=request_id,
+            rpc=rpc,
+            issued_at_ms=now,
+            expires_at_ms=now + cfg.signing.max_window_s * 1000,
+            payload_digest=digest,
+            caller=peer.identity,
+        )
+
+    def _allow(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cfg = self.config()
+        addresses = arg_strings(args, "addresses")
+        ttl = local_ttl(arg_int(args, "ttl"), cfg.ttl, cfg.local.ttl_cap_s)
+        subject, profile = arg_str(args, "subject"), arg_str(args, "profile")
+        msg = agent_pb2.AllowRequest(
+            entries=[
+                agent_pb2.AllowEntry(
+                    address=a, ttl_seconds=ttl.seconds, subject=subject, profile=profile
+                )
+                for a in addresses
+            ]
+        )
+        meta = self._meta("Allow", args, peer)
+        outcome = self.engine.submit(convert.allow_command(msg, meta, cfg))
+        for r in outcome.results:
+            log.info(
+                "local grant %s %s in %s for %s by %s: %s",
+                outcome.request_id,
+                r.address,
+                r.profile,
+                subject or "-",
+                peer.identity,
+                r.status.name,
+                extra=_journal_fields(outcome.request_id, subject, r.address, r.profile, "local"),
+            )
+        return {**_outcome_json(outcome), "ttl_s": ttl.seconds, "ttl_capped": ttl.capped}
+
+    def _revoke(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        cfg = self.config()
+        msg = agent_pb2.RevokeRequest(
+            addresses=arg_strings(args, "addresses"),
+            subject=arg_str(args, "subject"),
+            profile=arg_str(args, "profile"),
+        )
+        meta = self._meta("Revoke", args, peer)
+        outcome = self.engine.submit(convert.revoke_command(msg, meta, cfg))
+        for r in outcome.results:
+            log.info(
+                "local revoke %s %s in %s by %s: %s",
+                outcome.request_id,
+                r.address,
+                r.profile,
+                peer.identity,
+                r.status.name,
+                extra=_journal_fields(
+                    outcome.request_id, msg.subject, r.address, r.profile, "local"
+                ),
+            )
+        return _outcome_json(outcome)
+
+
+def _journal_fields(
+    request_id: str, subject: str, address: str, profile: str, reason: str
+) -> dict[str, str]:
+    return {
+        "REQUEST_ID": request_id,
+        "SUBJECT": subject,
+        "ADDRESS": address,
+        "PROFILE": profile,
+        "REASON": reason,
+    }
+
+
+def _present(observed: Structure) -> bool:
+    return bool(observed.chains or observed.sets)
+
+
+def _shadow_json(s: Shadow) -> dict[str, Any]:
+    return {
+        "chain": f"{s.family} {s.table} {s.chain}",
+        "priority": s.priority,
+        "ports": list(s.ports),
+        "why": s.why,
+        "description": s.describe(),
+    }
+
+
+def _features_json(features: object) -> dict[str, Any] | None:
+    if features is None:
+        return None
+    return {
+        name: getattr(features, name)
+        for name in ("kernel_release", "nft_version", "readd_updates_timeout", "destroy_supported")
+    }
