@@ -137,12 +137,40 @@ class MetricsConfig:
     listen: str = "127.0.0.1:9617"
     port: int = 9617
     scrape_sources: tuple[IPNetwork, ...] = ()
+    # HTTPS when both are set (PEM certificate chain and its private key); plain HTTP when
+    # neither is.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     directory: Path = Path("/var/lib/vicifast-agent")
     audit_retention_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
+class LocalConfig:
+    """The on-host Unix socket (PROTOCOL.md "Local socket") and its local policy."""
+
+    enabled: bool = True
+    socket: Path = Path("/run/vicifast-agent/local.sock")
+    group: str = ""  # besides root; empty = root only
+    ttl_cap_s: int = 3600
+    rate_limit_per_minute: int = 30
+    rate_limit_burst: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyConfig:
+    """How often the running daemon checks its table against its state (drift backstop).
+
+    Changes made by others are noticed at once through nf_tables notifications; these are the
+    periodic backstops: a cheap structure check, and a rarer comparison of every element.
+    """
+
+    interval_s: int = 30
+    elements_interval_s: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +185,8 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     source: Path | None = None
 
     @property
@@ -397,10 +427,19 @@ def _limits(root: _Section) -> LimitsConfig:
 def _metrics(root: _Section) -> MetricsConfig:
     sec = root.section("metrics")
     listen, port = _parse_listen(sec, "listen", "127.0.0.1:9617")
+    tls_cert = sec.get("tls_cert", str, "", "a file path (PEM certificate chain)")
+    tls_key = sec.get("tls_key", str, "", "a file path (PEM private key)")
+    if bool(tls_cert) != bool(tls_key):
+        missing = "tls_key" if tls_cert else "tls_cert"
+        raise ConfigError(
+            sec.key(missing), "set both tls_cert and tls_key for HTTPS, or neither for HTTP"
+        )
     metrics = MetricsConfig(
         listen=listen,
         port=port,
         scrape_sources=_parse_list(sec, "scrape_sources", _parse_network, _NETWORKS),
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
     )
     sec.finish()
     return metrics
@@ -414,6 +453,53 @@ def _state(root: _Section) -> StateConfig:
     )
     sec.finish()
     return state
+
+
+def _verify(root: _Section) -> VerifyConfig:
+    sec = root.section("verify")
+    verify = VerifyConfig(
+        interval_s=sec.int_in("interval_s", 30, 1, 86_400),
+        elements_interval_s=sec.int_in("elements_interval_s", 3600, 60, 7 * 86_400),
+    )
+    sec.finish()
+    return verify
+
+
+_GROUP = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# sun_path holds 108 bytes including the terminating NUL.
+_SOCKET_PATH_MAX_BYTES = 107
+
+
+def _local(root: _Section, ttl: TtlBounds) -> LocalConfig:
+    sec = root.section("local")
+    default = LocalConfig()
+    socket_text = sec.get("socket", str, str(default.socket), "an absolute path")
+    if not socket_text.startswith("/") or len(socket_text.encode()) > _SOCKET_PATH_MAX_BYTES:
+        raise ConfigError(
+            sec.key("socket"),
+            f"got {socket_text!r}; expected an absolute path of at most "
+            f"{_SOCKET_PATH_MAX_BYTES} bytes",
+        )
+    group = sec.get("group", str, "", "a group name, or '' for root only")
+    if group and not _GROUP.fullmatch(group):
+        raise ConfigError(
+            sec.key("group"), f"got {group!r}; expected a group name such as 'vicifast-portal'"
+        )
+    local = LocalConfig(
+        enabled=sec.get("enabled", bool, True, "true or false"),
+        socket=Path(socket_text),
+        group=group,
+        ttl_cap_s=sec.int_in("ttl_cap_s", default.ttl_cap_s, 1, 31_536_000),
+        rate_limit_per_minute=sec.int_in("rate_limit_per_minute", 30, 1, 60_000),
+        rate_limit_burst=sec.int_in("rate_limit_burst", 10, 1, 10_000),
+    )
+    if local.ttl_cap_s < ttl.minimum:
+        raise ConfigError(
+            sec.key("ttl_cap_s"),
+            f"got {local.ttl_cap_s}; expected at least ttl.min ({ttl.minimum})",
+        )
+    sec.finish()
+    return local
 
 
 def _check_ports(profiles: tuple[Profile, ...], api: ApiConfig, metrics: MetricsConfig) -> None:
@@ -448,6 +534,8 @@ def parse_config(text: str, source: Path | None = None) -> AgentConfig:
     limits = _limits(root)
     metrics = _metrics(root)
     state = _state(root)
+    verify = _verify(root)
+    local = _local(root, ttl)
     root.finish()
     _check_ports(profiles, api, metrics)
     guarded = []
@@ -468,6 +556,8 @@ def parse_config(text: str, source: Path | None = None) -> AgentConfig:
         limits=limits,
         metrics=metrics,
         state=state,
+        verify=verify,
+        local=local,
         source=source,
     )
 

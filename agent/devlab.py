@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -48,47 +49,69 @@ def enter_netns(netns: str) -> None:
 
 
 class NotifyListener:
-    """The systemd side of sd_notify: a datagram socket collecting ``KEY=VALUE`` messages."""
+    """The systemd side of sd_notify: a datagram socket read continuously, as systemd does.
+
+    A reader thread takes every datagram at once: left unread, the socket's small queue
+    (``net.unix.max_dgram_qlen``) fills after a few STATUS= updates and the daemon's next
+    ``sd_notify`` blocks. ``wait_for`` and ``drain`` consume the collected messages in order.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
         # The daemon may run as another user (the packaging tests' unprivileged unit).
         os.chmod(path, 0o666)  # noqa: S103
         self.messages: list[dict[str, str]] = []
+        self._cursor = 0  # messages before it were consumed by wait_for/drain
+        self._arrived = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read_loop, name="notify", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=5)
         self.sock.close()
         self.path.unlink(missing_ok=True)
 
-    def _receive(self, timeout: float) -> dict[str, str] | None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return None
-        text = data.decode("utf-8", "replace")
-        fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-        self.messages.append(fields)
-        return fields
+    def _read_loop(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            text = data.decode("utf-8", "replace")
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            with self._arrived:
+                self.messages.append(fields)
+                self._arrived.notify_all()
 
     def wait_for(self, key: str, value: str | None = None, *, timeout: float) -> dict[str, str]:
-        """Block until a message carries ``key`` (with ``value`` if given); return it."""
+        """Block until an unconsumed message carries ``key`` (``value`` if given); return it."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            fields = self._receive(left)
-            if fields is not None and key in fields and value in (None, fields[key]):
-                return fields
-        raise TimeoutError(f"no {key}{'=' + value if value else ''} within {timeout} s")
+        with self._arrived:
+            while True:
+                while self._cursor < len(self.messages):
+                    fields = self.messages[self._cursor]
+                    self._cursor += 1
+                    if key in fields and value in (None, fields[key]):
+                        return fields
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {key}{'=' + value if value else ''} within {timeout} s")
+                self._arrived.wait(left)
 
     def drain(self) -> list[dict[str, str]]:
-        """Every message already queued, without waiting."""
-        out = []
-        while (fields := self._receive(0.001)) is not None:
-            out.append(fields)
-        return out
+        """Every message not consumed yet, without waiting."""
+        with self._arrived:
+            out = self.messages[self._cursor :]
+            self._cursor = len(self.messages)
+            return out
 
 
 class TcpRelay:
@@ -183,6 +206,11 @@ class DevAgent:
         return self.directory / "state"
 
     @property
+    def local_socket(self) -> Path:
+        """The local socket, outside the host's /run and short enough for sun_path (108)."""
+        return Path(tempfile.gettempdir()) / f"vf-local-{self.netns}.sock"
+
+    @property
     def log_path(self) -> Path:
         return self.directory / "daemon.log"
 
@@ -204,6 +232,7 @@ class DevAgent:
                 f'listen = "{self.metrics_listen}"',
                 "",
                 self.pki.config_toml(listen=self.api_listen, trusted_keys=trusted_keys),
+                "" if "[local]" in self.extra_toml else f'[local]\nsocket = "{self.local_socket}"',
                 self.extra_toml,
             ]
         )

@@ -8,6 +8,7 @@ still gets its own result. Never speaks gRPC: the service hands in validated com
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import queue
@@ -17,7 +18,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
 from agent.model import Address, Element, EntryKey
@@ -59,6 +61,8 @@ from agent.store_records import (
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
+# How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
+TICK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,16 @@ class Outcome:
 class _Pending:
     cmd: Command
     future: Future[Outcome] = field(default_factory=Future)
+
+
+# A task gets the current view and returns (the new view, the events it produced, its result).
+Task = Callable[[StateView], tuple[StateView, Sequence[Event], Any]]
+
+
+@dataclass(slots=True)
+class _Task:
+    fn: Task
+    future: Future[Any] = field(default_factory=Future)
 
 
 def to_stored(e: Entry) -> StoredEntry:
@@ -162,12 +176,18 @@ class Engine:
         self.clock = clock
         self.cut_flows = cut_flows
         self.view = StateView()
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | _Task | None] = queue.SimpleQueue()
+        # Expiry times of entries (stale ones included): the idle tick scans the view only
+        # when the earliest has passed, so 100,000 idle entries cost nothing per tick.
+        self._deadlines: list[int] = []
         self._thread: threading.Thread | None = None
         self._history: deque[Event] = deque(maxlen=history)
         self._changed = threading.Condition()
         self._lock = threading.Lock()  # guards view + history for readers on other threads
         self.last_loop_at = time.monotonic()
+        self._stop_seen = False
+        # EXPIRED events published since start (read by the metrics; only the writer adds).
+        self.expiries = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -181,6 +201,7 @@ class Engine:
             last_sync_issued_at_ms=self.store.last_sync_issued_at_ms() or 0,
             state_version=self.store.state_version(),
         )
+        self._reset_deadlines()
         start = max(0, self.view.state_version - (self._history.maxlen or 0))
         page = self.store.events_since(start, self._history.maxlen or 0)
         self._history.clear()
@@ -196,8 +217,56 @@ class Engine:
         )
 
     def start(self) -> None:
+        self.last_loop_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def run_task(self, fn: Task, timeout: float | None = 120.0) -> Any:
+        """Run ``fn`` on the writer thread between request groups and publish what it returns.
+
+        The one way for anything but a request to change the allow state (reconcile, drift
+        repair), so it never races a request. Before ``start`` it runs on the calling thread.
+        """
+        task = _Task(fn)
+        if self._thread is None:
+            self._run_task(task)
+        else:
+            self._queue.put(task)
+        return task.future.result(timeout)
+
+    def _run_task(self, task: _Task) -> None:
+        try:
+            with self._lock:
+                current = self.view
+            view, events, result = task.fn(current)
+        except Exception as exc:  # noqa: BLE001  # the caller gets it; the writer must survive
+            task.future.set_exception(exc)
+            return
+        self.publish(view, events)
+        task.future.set_result(result)
+
+    def publish(self, view: StateView, events: Sequence[Event]) -> None:
+        """Writer thread only: make ``view`` current, record ``events``, wake the watchers."""
+        with self._lock:
+            self.view = view
+            self._history.extend(events)
+        self.expiries += sum(1 for e in events if e.kind is EventKind.EXPIRED)
+        self._reset_deadlines()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _reset_deadlines(self) -> None:
+        self._deadlines = [e.expires_at_ms for e in self.view.entries.values()]
+        heapq.heapify(self._deadlines)
+
+    @property
+    def entry_count(self) -> int:
+        """Entries in the state (without the per-call copy of ``snapshot``)."""
+        return len(self.view.entries)
 
     def stop(self) -> None:
         """Finish what is queued, then stop the writer thread."""
@@ -241,33 +310,41 @@ class Engine:
     # --- the writer --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
+        while not self._stop_seen:
             try:
-                first = self._queue.get(timeout=1.0)
+                first = self._queue.get(timeout=TICK_S)
             except queue.Empty:
                 self.last_loop_at = time.monotonic()
                 self._expire()
                 continue
-            group: list[_Pending] = []
-            for item in self._drain(first):
-                if item is None:
-                    stopping = True
-                else:
-                    group.append(item)
             self.last_loop_at = time.monotonic()
-            if group:
-                self._expire()
-                self._process(group)
+            group: list[_Pending] = []
+            # Requests are grouped; a task runs in its place in the order of arrival.
+            for item in [*self._drain(first), None]:
+                if isinstance(item, _Pending):
+                    group.append(item)
+                    continue
+                if group:
+                    self._expire()
+                    self._process(group)
+                    group = []
+                if isinstance(item, _Task):
+                    self._run_task(item)
 
-    def _drain(self, first: _Pending | None) -> list[_Pending | None]:
-        items = [first]
-        while len(items) < MAX_GROUP:
+    def _drain(self, first: _Pending | _Task | None) -> list[_Pending | _Task | None]:
+        items: list[_Pending | _Task | None] = []
+        item: _Pending | _Task | None = first
+        while True:
+            if item is None:
+                self._stop_seen = True  # finish what came before, then stop
+            else:
+                items.append(item)
+            if len(items) >= MAX_GROUP or self._stop_seen:
+                return items
             try:
-                items.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
-        return items
+                return items
 
     def _process(self, group: list[_Pending]) -> None:
         try:
@@ -388,12 +465,17 @@ class Engine:
             self.store.discard_intent(intent_id)
             raise
         erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
+        erasure = self._erasure(erase, removals, now) if erase else None
+        requests = tuple(self._request_record(p.cmd, o) for p, _, o in accepted)
+        audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
+        if erasure is not None:
+            requests = self._erase_results(accepted, requests, audit, erasure)
         batch = CommitBatch(
             state_version=final.state_version,
             upserts=tuple(map(to_stored, upserts)),
             removals=tuple((e.key.profile, e.key.address.text) for e in removals),
-            requests=tuple(self._request_record(p.cmd, o) for p, _, o in accepted),
-            audit=tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now)),
+            requests=requests,
+            audit=audit,
             ordering=tuple(
                 OrderingMark(k.profile, k.address.text, issued, self._forget_after(final, k, now))
                 for _, d, _ in accepted
@@ -404,12 +486,24 @@ class Engine:
                 (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
             ),
             intent_id=intent_id,
-            erase=self._erasure(erase, removals, now) if erase else None,
+            erase=erasure,
         )
-        erased = self.store.commit(batch)
+        try:
+            erased = self.store.commit(batch)
+        except AgentError:
+            # Nothing was recorded (a full disk, a failing store): take the kernel back to what
+            # the store says, so a refused request changes nothing. If even that fails, the
+            # pending intent and the next verification converge the kernel to the store.
+            self._undo(upserts, removals, refreshed, before, now)
+            raise
         with self._lock:
             self.view = final.detached()
             self._history.extend(events)
+            if erasure is not None:
+                self._forget_history(erasure)
+        for e in upserts:
+            heapq.heappush(self._deadlines, e.expires_at_ms)
+        self._log_accepted(accepted)
         with self._changed:
             self._changed.notify_all()
         for p, d, o in accepted:
@@ -420,6 +514,90 @@ class Engine:
         if removals:
             # After answering: the sets already drop the source's original-direction packets.
             self.cut_flows(e.key.address for e in removals)
+
+    def _undo(
+        self,
+        upserts: list[Entry],
+        removals: list[Entry],
+        refreshed: set[EntryKey],
+        before: dict[EntryKey, Entry],
+        now: int,
+    ) -> None:
+        restore = [before[e.key] for e in removals] + [before[k] for k in refreshed]
+        added = [e.key for e in upserts if e.key not in refreshed]
+        try:
+            self.table.apply(
+                [element_for(e, now) for e in restore if e.expires_at_ms > now],
+                added,
+                present={e.key for e in upserts},
+            )
+        except AgentError:
+            log.exception("could not undo a kernel change the store refused to record")
+        else:
+            log.warning(
+                "the store refused a change; the kernel change was undone",
+                extra={"REASON": "store_refused"},
+            )
+
+    def _log_accepted(self, accepted: list[tuple[_Pending, Decision, Outcome]]) -> None:
+        for p, d, o in accepted:
+            meta = p.cmd.meta
+            fields = {"REQUEST_ID": meta.request_id, "CALLER": meta.caller, "RPC": meta.rpc}
+            changed = [*d.upserts, *d.removals]
+            # An erasure's log line must not name the person it erases.
+            if len(changed) == 1 and not isinstance(p.cmd, EraseCmd):
+                e = changed[0]
+                fields |= {
+                    "SUBJECT": e.subject,
+                    "ADDRESS": e.key.address.text,
+                    "PROFILE": e.key.profile,
+                }
+            log.info(
+                "%s %s: %d changed, state_version %d",
+                meta.rpc,
+                meta.request_id,
+                len(changed),
+                o.state_version,
+                extra=fields,
+            )
+
+    def _erase_results(
+        self,
+        accepted: list[tuple[_Pending, Decision, Outcome]],
+        requests: tuple[NewRequest, ...],
+        audit: tuple[AuditRecord, ...],
+        erasure: Erasure,
+    ) -> tuple[NewRequest, ...]:
+        """``requests`` with each Erase's stored result (what a retry gets back) reduced to its
+        version and the number of records it erases: its entry results would name the erased
+        person's addresses. The count is the store's erasure of this very batch."""
+        names = set(erasure.addresses)
+        count = self.store.count_subject_records(erasure.subject, names)
+        count += sum(1 for a in audit if a.subject == erasure.subject or a.address in names)
+        count += sum(
+            1 for r in requests if erasure.subject in r.subjects or names.intersection(r.addresses)
+        )
+        reduced = []
+        for (p, _, o), request in zip(accepted, requests, strict=True):
+            if isinstance(p.cmd, EraseCmd):
+                result = Outcome(o.request_id, (), o.state_version, count).encode()
+                reduced.append(replace(request, record=replace(request.record, result=result)))
+            else:
+                reduced.append(request)
+        return tuple(reduced)
+
+    def _forget_history(self, erasure: Erasure) -> None:
+        """Cut the retained events up to the newest naming the erased subject or one of its
+        addresses, as the store does (a watcher that had not seen them is told to resync)."""
+        names = set(erasure.addresses)
+        naming = [
+            e.state_version
+            for e in self._history
+            if e.entry is not None
+            and (e.entry.subject == erasure.subject or e.entry.key.address.text in names)
+        ]
+        while naming and self._history and self._history[0].state_version <= max(naming):
+            self._history.popleft()
 
     def _erasure(self, subject: str, removals: list[Entry], now: int) -> Erasure:
         addresses = {e.key.address.text for e in removals if e.subject == subject}
@@ -483,6 +661,8 @@ class Engine:
     def _expire(self) -> None:
         """Turn entries the kernel has stopped matching into EXPIRED events and state changes."""
         now = self.now_ms()
+        if not self._deadlines or self._deadlines[0] > now:
+            return
         with self._lock:
             decision = expire(self.view, now)
         if not decision.removals:
@@ -515,8 +695,11 @@ class Engine:
         except AgentError:
             log.exception("could not record expiries; will retry")
             return
+        while self._deadlines and self._deadlines[0] <= now:
+            heapq.heappop(self._deadlines)
         with self._lock:
             self.view = final
             self._history.extend(events)
+        self.expiries += len(events)
         with self._changed:
             self._changed.notify_all()

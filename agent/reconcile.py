@@ -1,39 +1,112 @@
 """Read back the kernel, diff against the durable state, apply the difference in one transaction.
 
-Owns convergence: at start (adopt a live table, restore after reboot, settle a crash's pending
-intent). "If it is in our table, it is ours": elements the store does not know are removed, and
-entries the store has but the kernel lost are restored with their remaining timeout. It never
-flushes the table, so entries keep working while the daemon restarts.
+Owns convergence, the one path used for start-up (adopt a live table, settle a crash's pending
+intent), reboot restore, drift repair and periodic verification. "If it is in our table, it is
+ours": elements the store does not know are removed, and entries the store has but the kernel
+lost are restored with their remaining timeout; entries whose time passed become EXPIRED events
+and are never restored. A broken or missing structure is re-installed together with the restored
+elements in the same transaction, so allowed sources are never locked out in between; such a
+structure repair is drift (logged, counted) but not an event: events and ``state_version`` move
+once per entry that changes. It never flushes the table, so entries keep working while the
+daemon restarts. The decision is pure (``plan_convergence``); ``converge`` reads and writes.
+
+``converge`` is not thread-safe against the engine: at run time it runs as a task on the
+engine's writer thread (``Engine.run_task``), so a repair never races a request.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.engine import element_for, from_stored, to_stored, to_stored_event
 from agent.model import EntryKey, ObservedElement
+from agent.rules import render
+from agent.rules.structure import expected_structure, read_structure
 from agent.rules.table import FirewallTable
-from agent.state import Entry, Event, EventKind, StateView, numbered
+from agent.state import LOCAL_PREFIX, Entry, Event, EventKind, StateView, expire, numbered
 from agent.store import Store
-from agent.store_records import CommitBatch, PendingIntent
+from agent.store_records import AuditRecord, CommitBatch, PendingIntent
 
 log = logging.getLogger(__name__)
 _REQUEST_IN_COMMENT = re.compile(r"(?:^|\s)req=(\S+)")
+_SUBJECT_IN_COMMENT = re.compile(r"\ssub=(.*)\Z", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What one convergence looks at.
+
+    ``install``: re-apply the structure whatever it looks like (start-up: config may have
+    changed). ``structure``: check the structure cheaply and repair it if broken. ``sets``:
+    allow sets (names) whose elements are compared; ``None`` means all of them, an empty set
+    none. ``settle``: settle pending intents (start-up only: at run time the engine owns them).
+    """
+
+    install: bool = False
+    structure: bool = True
+    sets: frozenset[str] | None = frozenset()
+    settle: bool = False
+
+
+STARTUP = Scope(install=True, structure=True, sets=None, settle=True)
+FULL = Scope(structure=True, sets=None)
+STRUCTURE = Scope(structure=True, sets=frozenset())
 
 
 @dataclass(frozen=True, slots=True)
 class Convergence:
-    restored: int
-    removed: int
-    settled_intents: int
+    restored: int = 0
+    removed: int = 0
+    settled_intents: int = 0
+    expired: int = 0
+    structure_repaired: tuple[str, ...] = ()  # what of the structure was missing
+    events: tuple[Event, ...] = ()
+
+    @property
+    def drift(self) -> bool:
+        """Whether the kernel had drifted from the agent's state (and was repaired)."""
+        return bool(self.structure_repaired or self.restored or self.removed)
+
+    def describe(self) -> str:
+        parts = []
+        if self.structure_repaired:
+            parts.append("structure restored (" + ", ".join(self.structure_repaired) + ")")
+        parts += [
+            f"{n} {what}"
+            for n, what in (
+                (self.restored, "entries restored"),
+                (self.removed, "unknown elements removed"),
+                (self.expired, "expired"),
+                (self.settled_intents, "intents settled"),
+            )
+            if n
+        ]
+        return ", ".join(parts) or "in sync"
 
 
 def request_of(comment: str) -> str:
     m = _REQUEST_IN_COMMENT.search(comment)
     return m.group(1) if m else ""
+
+
+def subject_of(comment: str) -> str:
+    m = _SUBJECT_IN_COMMENT.search(comment)
+    return m.group(1) if m else ""
+
+
+def entry_from_element(e: ObservedElement, now_ms: int) -> Entry:
+    """An entry rebuilt from the kernel alone (its comment names subject and request).
+
+    Subjects longer than the comment's 128 bytes come back cut (ending in ``~``); the creation
+    time is unknown and given as ``now_ms``.
+    """
+    request = request_of(e.comment)
+    if e.comment.startswith("local ") and not request.startswith(LOCAL_PREFIX):
+        request = LOCAL_PREFIX + request
+    return Entry(e.key, subject_of(e.comment), now_ms, now_ms + e.expires_s * 1000, request)
 
 
 def settle_intents(
@@ -60,41 +133,174 @@ def settle_intents(
     return upserts, removals
 
 
-def converge(view: StateView, store: Store, table: FirewallTable, now_ms: int) -> Convergence:
-    """Bring kernel and store to the same allow state; ``view`` is updated in place."""
-    observed = table.read_elements()
-    intents = store.pending_intents()
-    ups, rems = settle_intents(view, intents, observed)
+def _set_name(key: EntryKey) -> str:
+    return render.allow_set(key.profile, key.address.family)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one convergence changes, decided from the read-back alone (``plan_convergence``).
+
+    ``upserts``/``removals``: pending intents rolled forward into the store; ``missing``: entries
+    to restore into the kernel; ``unknown``: elements to remove from it; ``result.events``: one
+    per entry that changed, numbered from the view's ``state_version``.
+    """
+
+    view: StateView
+    upserts: Mapping[EntryKey, Entry]
+    removals: frozenset[EntryKey]
+    expired: tuple[Entry, ...]
+    missing: tuple[Entry, ...]
+    unknown: tuple[ObservedElement, ...]
+    result: Convergence
+
+
+def plan_convergence(
+    view: StateView,
+    observed: Mapping[EntryKey, ObservedElement],
+    *,
+    checked: Collection[str],
+    now_ms: int,
+    intents: tuple[PendingIntent, ...] = (),
+    structure_repaired: Sequence[str] = (),
+) -> Plan:
+    """Pure: the difference between ``view`` and the kernel's ``observed`` elements.
+
+    Only sets named in ``checked`` were read, so only their entries can be missing. A repaired
+    structure changes no entry: it is counted and logged as drift but raises no event and does
+    not move ``state_version`` (PROTOCOL.md: one version per entry that changes), so a fresh
+    host installing its table for the first time starts at version 0 with no history.
+    """
+    final = view.detached()
+    ups, rems = settle_intents(final, intents, observed)
     for key in rems:
-        view.entries.pop(key, None)
-    view.entries.update(ups)
-    live = {k: e for k, e in view.entries.items() if e.expires_at_ms > now_ms}
-    missing = [e for k, e in live.items() if k not in observed]
-    unknown = [k for k in observed if k not in view.entries]
-    if missing or unknown:
-        table.apply([element_for(e, now_ms) for e in missing], unknown, present=set(observed))
-    first = view.state_version
-    events = numbered(
-        (Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel") for e in missing),
-        first,
+        final.entries.pop(key, None)
+    final.entries.update(ups)
+
+    expiry = expire(final, now_ms)
+    final.fold(expiry)
+    missing = tuple(
+        e for k, e in final.entries.items() if _set_name(k) in checked and k not in observed
     )
-    view.state_version += len(events)
-    if ups or rems or events or intents:
+    unknown = tuple(o for k, o in observed.items() if k not in final.entries)
+    found: list[Event] = list(expiry.events)
+    found += [
+        Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel") for e in missing
+    ]
+    found += [
+        Event(
+            EventKind.DRIFT_REPAIRED,
+            now_ms,
+            entry_from_element(o, now_ms),
+            "removed: not granted by the agent",
+        )
+        for o in unknown
+    ]
+    events = numbered(found, view.state_version)
+    final.state_version = view.state_version + len(events)
+    result = Convergence(
+        restored=len(missing),
+        removed=len(unknown),
+        settled_intents=len(intents),
+        expired=len(expiry.removals),
+        structure_repaired=tuple(structure_repaired),
+        events=tuple(events),
+    )
+    return Plan(final, ups, frozenset(rems), expiry.removals, missing, unknown, result)
+
+
+def converge(
+    view: StateView, store: Store, table: FirewallTable, now_ms: int, scope: Scope = STARTUP
+) -> tuple[StateView, Convergence]:
+    """Bring kernel and store to the same allow state; returns the new view (``view`` is kept).
+
+    Raises ``AgentError`` (nothing recorded) when the kernel or the store refuses; a kernel
+    change that landed before a store failure is repaired by the next convergence.
+    """
+    cfg = table.cfg
+    broken: list[str] = []
+    all_sets = [(p.name, fam) for p in cfg.profiles for fam in (4, 6)]
+    wanted = [s for s in all_sets if scope.sets is None or render.allow_set(*s) in scope.sets]
+    readable = wanted
+    if scope.structure or scope.install:
+        live = read_structure(table.nft, cfg.table)
+        broken = expected_structure(cfg).missing_from(live)
+        present = live.allow_sets()
+        if broken:
+            # A lost set lost its elements with it: compare every set, reading those still there.
+            wanted = all_sets
+        readable = [s for s in wanted if render.allow_set(*s) in present]
+    observed = table.read_elements(readable) if readable else {}
+    checked = {render.allow_set(*s) for s in wanted}
+    intents = store.pending_intents() if scope.settle else ()
+    plan = plan_convergence(
+        view, observed, checked=checked, now_ms=now_ms, intents=intents, structure_repaired=broken
+    )
+
+    elements = [element_for(e, now_ms) for e in plan.missing]
+    removals = [o.key for o in plan.unknown]
+    if scope.install or broken:
+        table.install_with(elements, removals, present=set(observed))
+    elif elements or removals:
+        table.apply(elements, removals, present=set(observed))
+
+    result = plan.result
+    if plan.upserts or plan.removals or result.events or intents:
+        gone = plan.removals | {e.key for e in plan.expired}
         store.commit(
             CommitBatch(
-                state_version=view.state_version,
-                upserts=tuple(to_stored(e) for e in ups.values()),
-                removals=tuple((k.profile, k.address.text) for k in rems),
-                events=tuple(map(to_stored_event, events)),
+                state_version=plan.view.state_version,
+                upserts=tuple(to_stored(e) for e in plan.upserts.values()),
+                removals=tuple((k.profile, k.address.text) for k in gone),
+                audit=tuple(
+                    AuditRecord(
+                        now_ms,
+                        "expired",
+                        e.key.profile,
+                        e.key.address.text,
+                        e.subject,
+                        e.request_id,
+                        "",
+                        "",
+                    )
+                    for e in plan.expired
+                ),
+                events=tuple(map(to_stored_event, result.events)),
             )
         )
         for intent in intents:
             store.discard_intent(intent.intent_id)
-    if missing or unknown or intents:
+    if result.drift or intents or plan.expired:
         log.info(
-            "converged kernel and state: %d restored, %d unknown removed, %d intents settled",
-            len(missing),
-            len(unknown),
-            len(intents),
+            "converged kernel and state: %s",
+            result.describe(),
+            extra={"REASON": "drift" if result.drift else "converge"},
         )
-    return Convergence(len(missing), len(unknown), len(intents))
+    return plan.view, result
+
+
+def converge_task(
+    store: Store, table: FirewallTable, now_ms: Callable[[], int], scope: Scope
+) -> Callable[[StateView], tuple[StateView, Sequence[Event], Convergence]]:
+    """``converge`` as an engine task (``Engine.run_task``): runs on the writer thread."""
+
+    def task(view: StateView) -> tuple[StateView, Sequence[Event], Convergence]:
+        final, conv = converge(view, store, table, now_ms(), scope)
+        return final, conv.events, conv
+
+    return task
+
+
+def adopt_kernel(table: FirewallTable, now_ms: int) -> list[Entry]:
+    """Entries rebuilt from the kernel's table alone (recovery from a lost or corrupt store)."""
+    if not table.exists():
+        return []
+    live = read_structure(table.nft, table.cfg.table).allow_sets()
+    sets = [
+        (p.name, fam)
+        for p in table.cfg.profiles
+        for fam in (4, 6)
+        if render.allow_set(p.name, fam) in live
+    ]
+    observed = table.read_elements(sets)
+    return [entry_from_element(o, now_ms) for o in observed.values() if o.expires_s > 0]

@@ -1,0 +1,176 @@
+"""Keeps the kernel's table equal to the agent's state while the daemon runs: drift repair.
+
+Owns the verification thread. It wakes on nf_tables change notifications (someone ran
+``nft flush ruleset``, ``systemctl reload nftables``, deleted the table, a set, a rule or an
+element) and repairs at once; a periodic check (``[verify] interval_s``) is the backstop. Both
+go through ``reconcile.converge`` as a task on the engine's writer thread, so a repair never
+races a request. The periodic check is cheap (chains, terse sets, a netlink rule count); every
+element is compared only when notifications say a set changed, were lost, or once per
+``[verify] elements_interval_s``: listing 100,000 elements costs over a second of CPU.
+
+It also keeps the coexistence report (other tables' chains that would drop what the agent
+allows) fresh: at start, when another table changes, and with each periodic check.
+
+Readers on other threads (metrics, GetState, the local socket) use the plain attributes:
+``drift_repairs``, ``last_verified_at_ms``, ``in_sync``, ``shadowing``, ``last_error``.
+``drift_repairs`` counts repairs after start-up, structure-only ones included; those raise no
+event (events and ``state_version`` are per entry), so this counter is where they show.
+Never flushes or touches another table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from agent.engine import Engine
+from agent.errors import AgentError
+from agent.reconcile import FULL, STRUCTURE, Convergence, Scope, converge_task
+from agent.rules import render
+from agent.rules.monitor import NftMonitor, Touch
+from agent.rules.shadowing import Shadow, read_shadowing
+from agent.rules.table import FirewallTable
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_FAILURE_S = 1.0
+
+
+class Verifier:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        store: Store,
+        table: FirewallTable,
+        monitor: NftMonitor,
+        interval_s: float,
+        elements_interval_s: float,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.table = table
+        self.monitor = monitor
+        self.interval_s = interval_s
+        self.elements_interval_s = elements_interval_s
+        self.on_change = on_change
+        self.drift_repairs = 0
+        self.last_verified_at_ms = 0
+        self.in_sync = True
+        self.last_error = ""
+        self.shadowing: tuple[Shadow, ...] = ()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # --- checks ------------------------------------------------------------------------------
+
+    def record(self, conv: Convergence, *, startup: bool = False) -> None:
+        """Account for one finished convergence (also the daemon's start-up one)."""
+        self.last_verified_at_ms = self.engine.now_ms()
+        self.in_sync = True
+        self.last_error = ""
+        if conv.drift and not startup:
+            self.drift_repairs += 1
+            log.warning(
+                "drift repaired: %s",
+                conv.describe(),
+                extra={"REASON": "drift_repaired"},
+            )
+        self.on_change()
+
+    def verify(self, scope: Scope) -> Convergence | None:
+        """Run one convergence on the engine's writer thread; None if it failed (logged)."""
+
+        task = converge_task(self.store, self.table, self.engine.now_ms, scope)
+        try:
+            conv: Convergence = self.engine.run_task(task)
+        except AgentError as exc:
+            self.in_sync = False
+            self.last_error = exc.message
+            log.error("verification failed: %s", exc.message, extra={"REASON": exc.reason})
+            self.on_change()
+            return None
+        self.record(conv)
+        return conv
+
+    def refresh_shadowing(self) -> None:
+        cfg = self.table.cfg
+        try:
+            found = read_shadowing(
+                self.table.nft,
+                own_table=cfg.table,
+                own_priority=cfg.chain_priority,
+                protected=[port for p in cfg.profiles for port in p.ports],
+            )
+        except (AgentError, KeyError, ValueError, TypeError) as exc:
+            log.warning("could not check other tables for shadowing: %s", exc)
+            return
+        if tuple(found) != self.shadowing:
+            for s in found:
+                log.warning(
+                    "another table would drop what the agent allows: %s",
+                    s.describe(),
+                    extra={"REASON": "shadowed"},
+                )
+            self.shadowing = tuple(found)
+            self.on_change()
+
+    def _scope_for(self, touch: Touch) -> Scope:
+        if touch.lost:
+            return FULL
+        ours = {render.allow_set(p.name, fam) for p in self.table.cfg.profiles for fam in (4, 6)}
+        return Scope(structure=True, sets=frozenset(touch.sets & ours))
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        next_check = now + self.interval_s
+        next_full = now + self.elements_interval_s
+        while not self._stopping:
+            timeout = max(0.0, next_check - time.monotonic())
+            try:
+                touch = self.monitor.wait(timeout, self._wake_r)
+            except OSError:
+                log.exception("netlink monitor failed; relying on periodic checks")
+                touch = Touch(lost=True)
+            if self._stopping:
+                return
+            now = time.monotonic()
+            if touch.ours:
+                ok = self.verify(self._scope_for(touch)) is not None
+                if touch.lost and ok:
+                    next_full = now + self.elements_interval_s
+            elif now >= next_check:
+                full = now >= next_full
+                ok = self.verify(FULL if full else STRUCTURE) is not None
+                if full and ok:
+                    next_full = now + self.elements_interval_s
+            else:
+                ok = True
+            if touch.elsewhere or now >= next_check:
+                self.refresh_shadowing()
+            if now >= next_check or not ok:
+                delay = self.interval_s if ok else RETRY_AFTER_FAILURE_S
+                next_check = time.monotonic() + delay
+        with contextlib.suppress(OSError):
+            self.monitor.close()

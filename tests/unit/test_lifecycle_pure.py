@@ -1,0 +1,329 @@
+"""Pure parts of the lifecycle: notifications, structure, shadowing, comments, convergence."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+
+from agent.config import PortRange, parse_config
+from agent.model import Address, EntryKey, ObservedElement
+from agent.reconcile import entry_from_element, plan_convergence, request_of, subject_of
+from agent.rules import render
+from agent.rules.monitor import NFT_MSG_NEWGEN, Touch, generation_pid, messages, touch_of
+from agent.rules.shadowing import find_shadowing
+from agent.rules.structure import expected_structure, observed_structure
+from agent.state import Entry, EventKind, StateView
+
+# --- netlink notifications ----------------------------------------------------------------
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _msg(kind: int, family: int, *attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0) + b"".join(attrs)
+    return struct.pack("=IHHII", 16 + len(body), (10 << 8) | kind, 0, 0, 0) + body
+
+
+def _name(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+INET, IP = 1, 2
+CASES: list[tuple[str, bytes, Touch]] = [
+    ("our table deleted", _msg(2, INET, _attr(1, _name("vicifast"))), Touch(structure=True)),
+    (
+        "element deleted from our set",
+        _msg(14, INET, _attr(1, _name("vicifast")), _attr(2, _name("allow4_agent"))),
+        Touch(sets=frozenset({"allow4_agent"})),
+    ),
+    (
+        "our set deleted",
+        _msg(11, INET, _attr(1, _name("vicifast")), _attr(2, _name("allow6_agent"))),
+        Touch(structure=True, sets=frozenset({"allow6_agent"})),
+    ),
+    ("a rule of ours deleted", _msg(8, INET, _attr(1, _name("vicifast"))), Touch(structure=True)),
+    ("same name, other family", _msg(2, IP, _attr(1, _name("vicifast"))), Touch(elsewhere=True)),
+    ("another inet table", _msg(3, INET, _attr(1, _name("filter"))), Touch(elsewhere=True)),
+]
+
+
+@pytest.mark.parametrize(("_what", "data", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_a_foreign_generation_is_summed_up_per_table(
+    _what: str, data: bytes, expected: Touch
+) -> None:
+    assert touch_of([data], "vicifast") == expected
+
+
+def test_the_generation_message_names_the_committing_thread() -> None:
+    gen = _msg(NFT_MSG_NEWGEN, 0, _attr(1, struct.pack("!I", 7)), _attr(2, struct.pack("!I", 4321)))
+    data = _msg(8, INET, _attr(1, _name("vicifast"))) + gen
+    found = list(messages(data))
+    assert [k for k, _, _ in found] == [8, NFT_MSG_NEWGEN]
+    _, start, end = found[1]
+    assert generation_pid(data, start, end) == 4321
+
+
+def test_touches_merge() -> None:
+    merged = Touch(sets=frozenset({"a"})).merge(Touch(lost=True, sets=frozenset({"b"})))
+    assert merged == Touch(sets=frozenset({"a", "b"}), lost=True)
+    assert merged.ours
+    assert not Touch(elsewhere=True).ours
+    assert Touch().empty
+
+
+# --- structure -----------------------------------------------------------------------------
+
+
+def _listing(cfg_text: str = 'agent_id = "a"') -> tuple[Any, list[dict[str, Any]], dict[str, int]]:
+    cfg = parse_config(cfg_text).firewall
+    items: list[dict[str, Any]] = []
+    rules: dict[str, int] = {}
+    for cmd in render.render_table(cfg):
+        add = cmd.get("add", {})
+        for kind in ("chain", "set"):
+            if kind in add:
+                items.append({kind: {**add[kind], "family": "inet", "table": cfg.table}})
+        if "rule" in add:
+            rules[add["rule"]["chain"]] = rules.get(add["rule"]["chain"], 0) + 1
+    return cfg, items, rules
+
+
+def test_an_intact_table_has_the_expected_structure() -> None:
+    cfg, items, rules = _listing()
+    assert expected_structure(cfg).missing_from(observed_structure(items, cfg.table, rules)) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "missing"),
+    [
+        ("flush input", ["rules of input"]),
+        ("drop set allow4_agent", ["set allow4_agent"]),
+        ("drop chain prof_agent", ["chain prof_agent", "rules of prof_agent"]),
+        ("other table", None),
+    ],
+)
+def test_a_damaged_structure_names_what_is_missing(damage: str, missing: list[str] | None) -> None:
+    cfg, items, rules = _listing()
+    if damage == "flush input":
+        rules["input"] = 0
+    elif damage == "drop set allow4_agent":
+        items = [i for i in items if i.get("set", {}).get("name") != "allow4_agent"]
+    elif damage == "drop chain prof_agent":
+        items = [i for i in items if i.get("chain", {}).get("name") != "prof_agent"]
+    else:
+        items = [{k: {**v, "table": "other"}} for i in items for k, v in i.items()]
+    got = expected_structure(cfg).missing_from(observed_structure(items, cfg.table, rules))
+    if missing is None:
+        assert len(got) > 5  # nothing of ours is there
+    else:
+        assert got == missing
+
+
+# --- shadowing -----------------------------------------------------------------------------
+
+PROTECTED = [PortRange("udp", 5060, 5060), PortRange("tcp", 5061, 5061)]
+
+
+def _chain(family: str, table: str, prio: int, policy: str, hook: str = "input") -> dict[str, Any]:
+    return {
+        "chain": {
+            "family": family,
+            "table": table,
+            "name": "in",
+            "type": "filter",
+            "hook": hook,
+            "prio": prio,
+            "policy": policy,
+        }
+    }
+
+
+def _rule(family: str, table: str, *expr: dict[str, Any]) -> dict[str, Any]:
+    return {"rule": {"family": family, "table": table, "chain": "in", "expr": list(expr)}}
+
+
+def _dport(proto: str, port: Any) -> dict[str, Any]:
+    return {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": proto, "field": "dport"}},
+            "right": port,
+        }
+    }
+
+
+SHADOW_CASES: list[tuple[str, list[dict[str, Any]], dict[str, tuple[str, ...]]]] = [
+    (
+        "policy drop, nothing opened",
+        [_chain("ip", "filter", 0, "drop")],
+        {"filter": ("5060/udp", "5061/tcp")},
+    ),
+    (
+        "policy drop, SIP opened",
+        [
+            _chain("ip", "filter", 0, "drop"),
+            _rule("ip", "filter", _dport("udp", 5060), {"accept": None}),
+        ],
+        {"filter": ("5061/tcp",)},
+    ),
+    (
+        "ufw-style final reject",
+        [_chain("inet", "ufw", 0, "accept"), _rule("inet", "ufw", {"reject": None})],
+        {"ufw": ("5060/udp", "5061/tcp")},
+    ),
+    (
+        "conditional drop is not judged",
+        [
+            _chain("inet", "fw", 0, "accept"),
+            _rule(
+                "inet",
+                "fw",
+                {
+                    "match": {
+                        "op": "==",
+                        "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                        "right": "203.0.113.9",
+                    }
+                },
+                {"drop": None},
+            ),
+        ],
+        {},
+    ),
+    ("runs before ours", [_chain("ip", "early", -100, "drop")], {}),
+    ("debian default accepts", [_chain("inet", "filter", 0, "accept")], {}),
+    ("not the input hook", [_chain("ip", "fwd", 0, "drop", hook="forward")], {}),
+    ("our own table", [_chain("inet", "vicifast", -10, "drop")], {}),
+    (
+        "port range opened",
+        [
+            _chain("ip6", "f", 0, "drop"),
+            _rule("ip6", "f", _dport("udp", {"range": [5000, 5100]}), {"accept": None}),
+            _rule("ip6", "f", _dport("tcp", {"set": [5061, 443]}), {"accept": None}),
+        ],
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("_what", "items", "expected"), SHADOW_CASES, ids=[c[0] for c in SHADOW_CASES]
+)
+def test_shadowing_chains_are_found(
+    _what: str, items: list[dict[str, Any]], expected: dict[str, tuple[str, ...]]
+) -> None:
+    found = find_shadowing(items, own_table="vicifast", own_priority=-10, protected=PROTECTED)
+    assert {s.table: set(s.ports) for s in found} == {t: set(p) for t, p in expected.items()}
+
+
+# --- element comments ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("comment", "request_id", "subject"),
+    [
+        ("req=r-1 sub=alice", "r-1", "alice"),
+        ("req=r-2 sub=", "r-2", ""),
+        ("req=r-3 sub=a b sub=c", "r-3", "a b sub=c"),
+        ("local req=local-9 sub=bob", "local-9", "bob"),
+        ("hand made", "", ""),
+    ],
+)
+def test_an_element_comment_gives_back_request_and_subject(
+    comment: str, request_id: str, subject: str
+) -> None:
+    assert request_of(comment) == request_id
+    assert subject_of(comment) == subject
+
+
+def test_an_entry_is_rebuilt_from_an_element() -> None:
+    key = EntryKey("agent", Address("198.18.0.9"))
+    e = entry_from_element(ObservedElement(key, 600, 500, "req=r-1 sub=alice"), 1_000)
+    assert (e.subject, e.request_id, e.created_at_ms, e.expires_at_ms) == (
+        "alice",
+        "r-1",
+        1_000,
+        501_000,
+    )
+
+
+# --- convergence: one event and one state_version per entry that changes -------------------
+
+NOW = 1_000_000
+CFG = parse_config('agent_id = "a"').firewall
+ALL_SETS = frozenset(render.allow_set(p.name, fam) for p in CFG.profiles for fam in (4, 6))
+NO_TABLE = expected_structure(CFG).missing_from(observed_structure([], CFG.table, {}))
+ALICE = Entry(EntryKey("agent", Address("198.18.0.2")), "alice", NOW - 60_000, NOW + 600_000, "r-1")
+GONE = Entry(EntryKey("agent", Address("198.18.0.3")), "bob", NOW - 90_000, NOW - 1, "r-2")
+INTRUDER = ObservedElement(EntryKey("agent", Address("198.18.0.4")), 3600, 3600, "hand made")
+
+
+def _seen(e: Entry) -> ObservedElement:
+    return ObservedElement(e.key, 600, (e.expires_at_ms - NOW) // 1000, f"req={e.request_id}")
+
+
+# what: (stored entries, kernel elements, structure missing, event kinds with their addresses)
+CONVERGE_CASES: list[
+    tuple[str, list[Entry], list[ObservedElement], list[str], list[tuple[EventKind, str]]]
+] = [
+    ("fresh host: no store, no table", [], [], NO_TABLE, []),
+    ("a chain was flushed", [ALICE], [_seen(ALICE)], ["rules of input"], []),
+    ("in sync", [ALICE], [_seen(ALICE)], [], []),
+    (
+        "ruleset flushed: the entry comes back",
+        [ALICE],
+        [],
+        NO_TABLE,
+        [(EventKind.DRIFT_REPAIRED, "198.18.0.2")],
+    ),
+    ("one element deleted", [ALICE], [], [], [(EventKind.DRIFT_REPAIRED, "198.18.0.2")]),
+    ("element added by hand", [], [INTRUDER], [], [(EventKind.DRIFT_REPAIRED, "198.18.0.4")]),
+    ("expired while down: not restored", [GONE], [], NO_TABLE, [(EventKind.EXPIRED, "198.18.0.3")]),
+]
+
+
+@pytest.mark.parametrize(
+    ("_what", "stored", "kernel", "broken", "expected"),
+    CONVERGE_CASES,
+    ids=[c[0] for c in CONVERGE_CASES],
+)
+def test_convergence_raises_one_event_and_version_per_entry_and_none_for_structure(
+    _what: str,
+    stored: list[Entry],
+    kernel: list[ObservedElement],
+    broken: list[str],
+    expected: list[tuple[EventKind, str]],
+) -> None:
+    view = StateView(entries={e.key: e for e in stored}, state_version=7 if stored else 0)
+    plan = plan_convergence(
+        view,
+        {o.key: o for o in kernel},
+        checked=ALL_SETS,
+        now_ms=NOW,
+        structure_repaired=broken,
+    )
+    events = plan.result.events
+    assert [(e.kind, e.entry.key.address.text if e.entry else None) for e in events] == expected
+    assert [e.state_version for e in events] == [
+        view.state_version + i + 1 for i in range(len(expected))
+    ]
+    assert plan.view.state_version == view.state_version + len(expected)
+    assert plan.result.structure_repaired == tuple(broken)
+    assert plan.result.drift == bool(broken or plan.result.restored or plan.result.removed)
+    assert view.state_version == (7 if stored else 0)  # the caller's view is left as it was
+
+
+def test_a_fresh_host_starts_at_version_zero_with_no_history_yet_counts_as_repaired() -> None:
+    plan = plan_convergence(
+        StateView(), {}, checked=ALL_SETS, now_ms=NOW, structure_repaired=NO_TABLE
+    )
+    assert NO_TABLE  # the table really is missing
+    assert plan.view.state_version == 0
+    assert plan.result.events == ()
+    assert plan.result.drift  # the daemon does not count it at start-up (Verifier.record)
+    assert "chain input" in plan.result.describe()
