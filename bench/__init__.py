@@ -20,6 +20,7 @@ class Figure:
     unit: str = ""
     target_max: float | None = None  # the figure meets its target when value <= target_max
     note: str = ""
+    target_min: float | None = None  # for rates: the figure meets its target when value >= it
 
     def __post_init__(self) -> None:
         prefix, dot, rest = self.name.partition(".")
@@ -28,4 +29,8 @@ class Figure:
 
     @property
     def meets_target(self) -> bool | None:
-        return None if self.target_max is None else self.value <= self.target_max
+        if self.target_max is None and self.target_min is None:
+            return None
+        return (self.target_max is None or self.value <= self.target_max) and (
+            self.target_min is None or self.value >= self.target_min
+        )

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import Figure
 
-MODULES = ("bench.kernel",)
+MODULES = ("bench.kernel", "bench.rpc", "bench.daemon")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -35,9 +35,16 @@ def _load(path: Path) -> dict[str, float]:
 
 
 def merge_results(path: Path, figures: Iterable[Figure]) -> dict[str, float]:
-    """Write ``figures`` over what ``path`` holds, atomically; return the merged object."""
+    """Write ``figures`` over what ``path`` holds, atomically; return the merged object.
+
+    A figure whose value is not finite (NaN: it could not be measured) removes the old value.
+    """
     merged = _load(path)
-    merged.update({f.name: round(f.value, 4) for f in figures if math.isfinite(f.value)})
+    for f in figures:
+        if math.isfinite(f.value):
+            merged[f.name] = round(f.value, 4)
+        else:  # not measured this time: an older value would pass for a fresh one
+            merged.pop(f.name, None)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
     tmp.replace(path)
@@ -52,7 +59,9 @@ def render_table(figures: Iterable[Figure]) -> str:
     rows = [("figure", "value", "unit", "target", "", "note")]
     for f in figures:
         verdict = {None: "", True: "ok", False: "MISSED"}[f.meets_target]
-        target = "" if f.target_max is None else f"<= {_format(f.target_max)}"
+        bounds = [f"<= {_format(f.target_max)}"] if f.target_max is not None else []
+        bounds += [f">= {_format(f.target_min)}"] if f.target_min is not None else []
+        target = ", ".join(bounds)
         rows.append((f.name, _format(f.value), f.unit, target, verdict, f.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
