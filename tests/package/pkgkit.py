@@ -1,0 +1,32 @@
+"""What the package test's fixtures hand to its steps (kept out of conftest.py so tests can import
+it: every conftest module is named ``conftest``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from netlab import Lab
+from nspawn import Container
+
+from agent.devpki import DevMaterial
+
+AGENT_ID = "pkgtest.example.com"
+
+
+@dataclass(frozen=True, slots=True)
+class Debs:
+    """The package under test and a newer build of the same tree (the upgrade)."""
+
+    current: Path
+    newer: Path
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """A booted container with nothing of ours installed yet, its lab, and a dev PKI."""
+
+    container: Container
+    lab: Lab
+    pki: DevMaterial
+    debs: Debs
