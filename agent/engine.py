@@ -147,6 +147,13 @@ def from_stored(s: StoredEntry) -> Entry:
     )
 
 
+def expiry_audit(e: Entry, now_ms: int) -> AuditRecord:
+    """The audit row of an entry whose time ran out (no caller, no key: the kernel did it)."""
+    return AuditRecord(
+        now_ms, "expired", e.key.profile, e.key.address.text, e.subject, e.request_id, "", ""
+    )
+
+
 def element_for(e: Entry, now_ms: int) -> Element:
     """The kernel element of an entry, with the timeout that remains of it (at least 1 s)."""
     remaining = max(1, -(-(e.expires_at_ms - now_ms) // 1000))
@@ -677,19 +684,7 @@ class Engine:
                     state_version=final.state_version,
                     removals=tuple((e.key.profile, e.key.address.text) for e in decision.removals),
                     events=tuple(to_stored_event(e) for e in events),
-                    audit=tuple(
-                        AuditRecord(
-                            now,
-                            "expired",
-                            e.key.profile,
-                            e.key.address.text,
-                            e.subject,
-                            e.request_id,
-                            "",
-                            "",
-                        )
-                        for e in decision.removals
-                    ),
+                    audit=tuple(expiry_audit(e, now) for e in decision.removals),
                 )
             )
         except AgentError:

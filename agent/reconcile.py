@@ -21,14 +21,14 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.engine import element_for, from_stored, to_stored, to_stored_event
+from agent.engine import element_for, expiry_audit, from_stored, to_stored, to_stored_event
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
 from agent.rules.structure import expected_structure, read_structure
 from agent.rules.table import FirewallTable
 from agent.state import LOCAL_PREFIX, Entry, Event, EventKind, StateView, expire, numbered
 from agent.store import Store
-from agent.store_records import AuditRecord, CommitBatch, PendingIntent
+from agent.store_records import CommitBatch, PendingIntent
 
 log = logging.getLogger(__name__)
 _REQUEST_IN_COMMENT = re.compile(r"(?:^|\s)req=(\S+)")
@@ -252,19 +252,7 @@ def converge(
                 state_version=plan.view.state_version,
                 upserts=tuple(to_stored(e) for e in plan.upserts.values()),
                 removals=tuple((k.profile, k.address.text) for k in gone),
-                audit=tuple(
-                    AuditRecord(
-                        now_ms,
-                        "expired",
-                        e.key.profile,
-                        e.key.address.text,
-                        e.subject,
-                        e.request_id,
-                        "",
-                        "",
-                    )
-                    for e in plan.expired
-                ),
+                audit=tuple(expiry_audit(e, now_ms) for e in plan.expired),
                 events=tuple(map(to_stored_event, result.events)),
             )
         )

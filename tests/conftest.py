@@ -71,3 +71,14 @@ def lab(_kernel_required: None) -> Iterator[Lab]:
     """Fresh server and client namespaces joined by a veth pair; removed after the test."""
     with Lab() as fresh:
         yield fresh
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool's path (Debian's ``prometheus``); without it skip, or fail when CI=true."""
+    path = shutil.which("promtool")
+    if path is None:
+        if in_ci():
+            pytest.fail("CI=true and promtool is missing (apt-get install prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return path

@@ -6,7 +6,6 @@ a devlab relay, so what is read is exactly what a local Prometheus would scrape.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -23,22 +22,6 @@ from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.signing import private_key_from_pem
 
 Labels = frozenset[tuple[str, str]]
-
-
-def require_promtool(config: pytest.Config) -> str:
-    """promtool's path; without it skip, or fail when CI=true (tests/conftest.py's in_ci)."""
-    root_conftest = str(Path(__file__).resolve().parents[1] / "conftest.py")
-    root = next(
-        p
-        for p in config.pluginmanager.get_plugins()
-        if getattr(p, "__file__", None) == root_conftest
-    )
-    path = shutil.which("promtool")
-    if path is None:
-        if root.in_ci():
-            pytest.fail("CI=true and promtool is missing (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
 
 
 @pytest.fixture
@@ -170,9 +153,8 @@ def test_a_refusal_is_counted_by_code_and_as_an_auth_failure_by_reason(
 
 
 def test_promtool_finds_nothing_to_lint_in_a_real_scrape(
-    request: pytest.FixtureRequest, lab: Lab, client: AgentClient, metrics: TcpRelay
+    promtool: str, lab: Lab, client: AgentClient, metrics: TcpRelay
 ) -> None:
-    promtool = require_promtool(request.config)
     lab.reaches("udp", 5060, family=4)
     client.allow([Entry(lab.addr.client(4), 600, "alice")])
     client.state()

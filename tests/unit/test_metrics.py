@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
-import shutil
 import ssl
 import subprocess
 import urllib.request
@@ -746,26 +745,9 @@ def test_a_refused_reload_keeps_serving_the_old_certificate(
         listener.stop()
 
 
-def require_promtool(config: pytest.Config) -> str:
-    """promtool's path; without it skip, or fail when CI=true (tests/conftest.py's in_ci)."""
-    root_conftest = str(Path(__file__).resolve().parents[1] / "conftest.py")
-    root = next(
-        p
-        for p in config.pluginmanager.get_plugins()
-        if getattr(p, "__file__", None) == root_conftest
-    )
-    path = shutil.which("promtool")
-    if path is None:
-        if root.in_ci():
-            pytest.fail("CI=true and promtool is missing (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
-
-
 def test_promtool_finds_nothing_to_lint_in_a_full_exposition(
-    request: pytest.FixtureRequest, plain: AgentMetrics
+    promtool: str, plain: AgentMetrics
 ) -> None:
-    promtool = require_promtool(request.config)
     plain.kernel.observe(0.01, KernelError("kernel_refused", errno.EPERM))
     plain.requests.record("Allow", grpc.StatusCode.PERMISSION_DENIED, "caller_not_allowed", 0.1)
     plain.requests.record("WatchEvents", grpc.StatusCode.OK, None, None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,21 +23,6 @@ METRICS_SOURCES = sorted((ROOT / "agent" / "metrics").glob("*.py"))
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 P = "vicifast_agent_"
 BIG = 10_000_000_000  # a not-after far in the future (Unix seconds)
-
-
-def require_promtool(config: pytest.Config) -> str:
-    root_conftest = str(ROOT / "tests" / "conftest.py")
-    root = next(
-        p
-        for p in config.pluginmanager.get_plugins()
-        if getattr(p, "__file__", None) == root_conftest
-    )
-    path = shutil.which("promtool")
-    if path is None:
-        if root.in_ci():
-            pytest.fail("CI=true and promtool is missing (apt-get install prometheus)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return path
 
 
 def exported_metrics() -> set[str]:
@@ -61,8 +45,7 @@ def used_metrics(text: str) -> set[str]:
     return {family_of(n) for n in re.findall(rf"\b{P}\w+", text)}
 
 
-def test_alert_rules_pass_promtool_check(request: pytest.FixtureRequest) -> None:
-    promtool = require_promtool(request.config)
+def test_alert_rules_pass_promtool_check(promtool: str) -> None:
     done = subprocess.run(
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )
@@ -190,9 +173,8 @@ def _rule_test(case: Case) -> dict[str, object]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_alert_fires_exactly_when_its_condition_holds(
-    case: Case, request: pytest.FixtureRequest, tmp_path: Path
+    case: Case, promtool: str, tmp_path: Path
 ) -> None:
-    promtool = require_promtool(request.config)
     spec = {
         "rule_files": [str(ALERTS)],
         "evaluation_interval": "1m",
