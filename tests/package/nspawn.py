@@ -166,8 +166,9 @@ class Container:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"container did not start:\n{self.console_tail()}")
             time.sleep(0.05)  # polling for a pid nspawn does not announce
-        # Until init has opened its private bus socket, systemctl prints nothing and fails.
-        while not (state := self._system_state(deadline)):
+        # Until init has opened its private bus socket, systemctl prints nothing, or "offline"
+        # (it cannot tell init from another manager yet) or "unknown": ask again till the deadline.
+        while (state := self._system_state(deadline)) in ("", "offline", "unknown"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"container did not boot:\n{self.console_tail()}")
             time.sleep(0.05)
