@@ -14,7 +14,6 @@ is the time. A repair that does not happen within the deadline is reported as ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import nftables  # Debian's python3-nftables
 
 from agent.rules.render import allow_set
+from bench.netns import worker_main
 from bench.rpc_worker import PROFILE, address
 
 POLL_S = 0.005
@@ -96,12 +96,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"drift": sce
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.daemon_worker")
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("params", help="JSON object: the scenario's parameters")
-    args = parser.parse_args(argv)
-    print(json.dumps(SCENARIOS[args.scenario](json.loads(args.params))), flush=True)
-    return 0
+    return worker_main("bench.daemon_worker", SCENARIOS, argv)
 
 
 if __name__ == "__main__":

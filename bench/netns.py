@@ -9,16 +9,18 @@ last line of its stdout.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.devlab import scratch_netns
 
-__all__ = ["run_worker", "scratch_netns"]
+__all__ = ["run_worker", "scratch_netns", "worker_main"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,3 +40,17 @@ def run_worker(netns: str, module: str, *args: str, timeout: float = 600) -> dic
         raise RuntimeError(f"{module} {' '.join(args)} printed nothing:\n{proc.stderr}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def worker_main(
+    module: str,
+    scenarios: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A worker's entry point: ``SCENARIO PARAMS_JSON`` in, one JSON line out (``run_worker``)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("scenario", choices=sorted(scenarios))
+    parser.add_argument("params", help="JSON object: the scenario's parameters")
+    args = parser.parse_args(argv)
+    print(json.dumps(scenarios[args.scenario](json.loads(args.params))), flush=True)
+    return 0

@@ -21,7 +21,6 @@ Scenarios:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
@@ -41,6 +40,7 @@ from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.signing import new_request_id
 from agent.rules.render import allow_set, element_comment
 from bench import procfs
+from bench.netns import worker_main
 
 FIRST_ADDRESS = ipaddress.IPv4Address("198.18.0.1")  # 198.18.0.0/15: 131,071 from here on
 PROFILE = "agent"
@@ -257,12 +257,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rpc_worker")
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("params", help="JSON object: the scenario's parameters")
-    args = parser.parse_args(argv)
-    print(json.dumps(SCENARIOS[args.scenario](json.loads(args.params))), flush=True)
-    return 0
+    return worker_main("bench.rpc_worker", SCENARIOS, argv)
 
 
 if __name__ == "__main__":
