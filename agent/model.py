@@ -7,6 +7,7 @@ and knows nothing of configuration (``agent.policy`` turns untrusted text into t
 from __future__ import annotations
 
 import ipaddress
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -19,6 +20,11 @@ ELEMENT_COMMENT_MAX_BYTES = 128
 # (protobuf never delivers one; the local socket might). Quotes and ';' are ordinary text.
 FORBIDDEN_SUBJECT_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# An IPv4 address in normal form: four decimal octets, no leading zeros. Matching it is an
+# order of magnitude cheaper than ``ipaddress``, and IPv4 is most of what a dialer sees.
+IPV4_NORMAL = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
 
 def check_subject(subject: str) -> str:
     """Return ``subject`` unchanged if it is a valid subject, else raise ``invalid_subject``."""
@@ -26,6 +32,8 @@ def check_subject(subject: str) -> str:
         raise InvalidArgument(
             "invalid_subject", f"subject has {len(subject)} characters, at most 64 allowed"
         )
+    if subject.isascii() and subject.isprintable():
+        return subject  # printable ASCII has no control, format or separator character
     for ch in subject:
         if unicodedata.category(ch) in FORBIDDEN_SUBJECT_CATEGORIES:
             raise InvalidArgument(
@@ -46,12 +54,22 @@ class Address:
     text: str
 
     def __post_init__(self) -> None:
+        if IPV4_NORMAL.fullmatch(self.text):
+            return
         net = ipaddress.ip_network(self.text, strict=True)
         expected = (
             str(net.network_address) if net.prefixlen == net.max_prefixlen else net.compressed
         )
         if expected != self.text:
             raise ValueError(f"Address {self.text!r} is not in normal form ({expected!r})")
+
+    @classmethod
+    def trusted(cls, text: str) -> Address:
+        """An address from a source that only ever holds normal forms (the agent's own store),
+        without checking it again: loading 100,000 entries must not parse each one twice."""
+        address = object.__new__(cls)
+        object.__setattr__(address, "text", text)
+        return address
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -74,6 +92,8 @@ class Address:
         rule masks the packet's source to /64 before the lookup: cheaper than an interval set
         and immune to the overlap/partial-delete pitfalls of interval sets.
         """
+        if ":" not in self.text:
+            return self.text
         return str(self.network.network_address)
 
 

@@ -6,10 +6,13 @@ the agent must answer with. Reason words are the contract; message text is never
 
 from __future__ import annotations
 
+import ipaddress
+import random
 from collections.abc import Callable
 
 import pytest
 
+from agent import policy as policy_module
 from agent.errors import ErrorKind, InvalidArgument
 from agent.model import Address, AllowEntry, check_subject
 from agent.policy import (
@@ -18,6 +21,7 @@ from agent.policy import (
     TtlBounds,
     make_allow_entry,
     normalize_address,
+    normalize_address_exactly,
     resolve_profile,
     resolve_ttl,
 )
@@ -435,3 +439,44 @@ def test_allow_entry_value_refuses_bad_subject() -> None:
 @pytest.mark.parametrize("text", ["2606:4700::1/128", "8.8.8.8/32", "2606:4700::1:0:0:0:1", "x"])
 def test_address_value_refuses_text_not_in_normal_form(text: str) -> None:
     value_error(Address, text)
+
+
+def _outcome(fn: Callable[[str, AddressPolicy], Address], text: str, policy: AddressPolicy) -> str:
+    try:
+        return fn(text, policy).text
+    except InvalidArgument as exc:
+        return f"refused:{exc.reason}"
+
+
+def _ipv4_probes() -> list[str]:
+    """Both edges of every special block, one address either side of each, and a spread of
+    ordinary addresses, each bare and as /32, plus spellings the fast path must not take."""
+    ints: set[int] = {0, 1, 2**32 - 2, 2**32 - 1}
+    for lo, hi in policy_module._V4_SPECIAL + policy_module._V4_TEST:
+        ints |= {lo - 1, lo, lo + 1, hi - 1, hi, hi + 1}
+    rng = random.Random(4)
+    ints |= {rng.randrange(2**32) for _ in range(20_000)}
+    texts = [str(ipaddress.IPv4Address(n)) for n in sorted(ints) if 0 <= n < 2**32]
+    texts += [t + "/32" for t in texts[::7]]
+    texts += ["01.2.3.4", "1.2.3.04", "1.2.3.4/032", "1.2.3.4 ", "1.2.3.256", "1.2.3", "1.2.3.4/31"]
+    return texts
+
+
+@pytest.mark.parametrize("permit", [False, True], ids=["global-only", "test-ranges"])
+def test_ipv4_fast_path_agrees_with_the_exact_path(permit: bool) -> None:
+    policy = AddressPolicy(permit_test_ranges=permit)
+    probes = _ipv4_probes()
+    fast_taken = sum(1 for t in probes if policy_module._fast_ipv4(t, policy) is not None)
+    assert fast_taken > len(probes) // 2  # the comparison really exercises the fast path
+    differing = [
+        (t, _outcome(normalize_address, t, policy), _outcome(normalize_address_exactly, t, policy))
+        for t in probes
+        if _outcome(normalize_address, t, policy) != _outcome(normalize_address_exactly, t, policy)
+    ]
+    assert differing == []
+
+
+def test_trusted_address_skips_the_check_and_equals_a_checked_one() -> None:
+    assert Address.trusted("2001:db8:1:2::/64") == Address("2001:db8:1:2::/64")
+    assert Address.trusted("198.18.0.1").family == 4
+    value_error(Address, "198.018.0.1")
