@@ -61,6 +61,8 @@ from agent.store_records import (
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
+# Events retained, in memory for WatchEvents and in the store across restarts.
+HISTORY = 10_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
 
@@ -137,9 +139,22 @@ def to_stored_event(e: Event) -> StoredEvent:
     )
 
 
+def retained_events(
+    events: Sequence[Event], keep: int = HISTORY
+) -> tuple[tuple[StoredEvent, ...], int]:
+    """The newest ``keep`` of ``events`` as stored rows, and the version through which the
+    history is cut (0: all are kept). A 100,000-entry Sync raises 100,000 events and the
+    history keeps 10,000: the others are never written."""
+    if len(events) <= keep:
+        return tuple(map(to_stored_event, events)), 0
+    tail = events[len(events) - keep :] if keep else ()
+    return tuple(map(to_stored_event, tail)), events[len(events) - keep - 1].state_version
+
+
 def from_stored(s: StoredEntry) -> Entry:
+    """The entry of a stored row; the store only ever holds addresses in normal form."""
     return Entry(
-        key=EntryKey(s.profile, Address(s.address)),
+        key=EntryKey(s.profile, Address.trusted(s.address)),
         subject=s.subject,
         created_at_ms=s.created_at_ms,
         expires_at_ms=s.expires_at_ms,
@@ -172,7 +187,7 @@ class Engine:
         profiles: Sequence[str],
         forget_window_ms: int,
         clock: Callable[[], float] = time.time,
-        history: int = 10_000,
+        history: int = HISTORY,
         cut_flows: Callable[[Iterable[Address]], object] = forget_flows,
     ) -> None:
         self.store = store
@@ -189,6 +204,7 @@ class Engine:
         self._deadlines: list[int] = []
         self._thread: threading.Thread | None = None
         self._history: deque[Event] = deque(maxlen=history)
+        self._keep = history
         self._changed = threading.Condition()
         self._lock = threading.Lock()  # guards view + history for readers on other threads
         self.last_loop_at = time.monotonic()
@@ -438,7 +454,7 @@ class Engine:
                 keys.update((k.profile, k.address.text) for k in view.entries)
         if keys:
             for (prof, addr), issued in self.store.last_issued_at(keys).items():
-                view.last_issued[EntryKey(prof, Address(addr))] = issued
+                view.last_issued[EntryKey(prof, Address.trusted(addr))] = issued
 
     def _commit(
         self,
@@ -477,6 +493,7 @@ class Engine:
         audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
         if erasure is not None:
             requests = self._erase_results(accepted, requests, audit, erasure)
+        stored_events, history_floor = retained_events(events, self._keep)
         batch = CommitBatch(
             state_version=final.state_version,
             upserts=tuple(map(to_stored, upserts)),
@@ -488,7 +505,8 @@ class Engine:
                 for _, d, _ in accepted
                 for k, issued in d.ordering
             ),
-            events=tuple(to_stored_event(e) for e in events),
+            events=stored_events,
+            history_floor=history_floor,
             last_sync_issued_at_ms=next(
                 (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
             ),
@@ -678,12 +696,14 @@ class Engine:
         first = final.state_version
         final.fold(decision)
         events = numbered(decision.events, first)
+        stored_events, history_floor = retained_events(events, self._keep)
         try:
             self.store.commit(
                 CommitBatch(
                     state_version=final.state_version,
                     removals=tuple((e.key.profile, e.key.address.text) for e in decision.removals),
-                    events=tuple(to_stored_event(e) for e in events),
+                    events=stored_events,
+                    history_floor=history_floor,
                     audit=tuple(expiry_audit(e, now) for e in decision.removals),
                 )
             )

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.engine import element_for, expiry_audit, from_stored, to_stored, to_stored_event
+from agent.engine import element_for, expiry_audit, from_stored, retained_events, to_stored
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
 from agent.rules.structure import expected_structure, read_structure
@@ -52,8 +52,26 @@ class Scope:
 
 
 STARTUP = Scope(install=True, structure=True, sets=None, settle=True)
+# Start-up after a clean stop when the ruleset generation has not moved since (see
+# ``startup_scope``): the elements are as the previous process left them, less the ones whose
+# timeout ran out, which the stored expiry times name too. Listing 100,000 elements would cost
+# over a second; the structure is still checked and re-applied.
+UNCHANGED_STARTUP = Scope(install=True, structure=True, sets=frozenset(), settle=True)
 FULL = Scope(structure=True, sets=None)
 STRUCTURE = Scope(structure=True, sets=frozenset())
+
+
+def startup_scope(stop_generation: int | None, generation: int | None, *, intents: bool) -> Scope:
+    """Pure: what the start-up convergence must read.
+
+    ``stop_generation`` is the kernel's ruleset generation recorded at the last clean stop (None
+    after a crash or on a fresh state), ``generation`` the current one (None if unreadable).
+    Every committed transaction of any table moves the generation, so equal values mean nobody
+    changed the ruleset in between. Pending intents need the elements to be settled.
+    """
+    if stop_generation is None or stop_generation != generation or intents:
+        return STARTUP
+    return UNCHANGED_STARTUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,13 +265,15 @@ def converge(
     result = plan.result
     if plan.upserts or plan.removals or result.events or intents:
         gone = plan.removals | {e.key for e in plan.expired}
+        stored_events, history_floor = retained_events(result.events)
         store.commit(
             CommitBatch(
                 state_version=plan.view.state_version,
                 upserts=tuple(to_stored(e) for e in plan.upserts.values()),
                 removals=tuple((k.profile, k.address.text) for k in gone),
                 audit=tuple(expiry_audit(e, now_ms) for e in plan.expired),
-                events=tuple(map(to_stored_event, result.events)),
+                events=stored_events,
+                history_floor=history_floor,
             )
         )
         for intent in intents:

@@ -68,7 +68,12 @@ from agent.store_records import (
     StoredEntry,
     StoredEvent,
 )
-from agent.store_schema import META_EVENTS_FLOOR, META_LAST_SYNC, META_STATE_VERSION
+from agent.store_schema import (
+    META_EVENTS_FLOOR,
+    META_LAST_SYNC,
+    META_STATE_VERSION,
+    META_STOP_GENERATION,
+)
 
 __all__ = [
     "AuditRecord",
@@ -635,6 +640,24 @@ class Store:
                 ),
             )
 
+    def record_stop_generation(self, generation: int) -> None:
+        """Remember the ruleset generation at a clean stop (see ``take_stop_generation``)."""
+        with self._writing() as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (META_STOP_GENERATION, generation),
+            )
+
+    def take_stop_generation(self) -> int | None:
+        """The generation recorded at the last clean stop, forgotten as it is read: a later
+        crash must not find it again."""
+        with self._writing() as conn:
+            value = _meta(conn, META_STOP_GENERATION)
+            if value is not None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (META_STOP_GENERATION,))
+        return value
+
     def discard_intent(self, intent_id: str) -> None:
         """Forget an intent whose kernel transaction was refused (nothing changed)."""
         with self._writing() as conn:
@@ -695,6 +718,8 @@ class Store:
             _MARK_ORDERING,
             ((m.profile, m.address, m.issued_at_ms, m.forget_after_ms) for m in batch.ordering),
         )
+        if batch.history_floor:
+            _cut_events(conn, batch.history_floor)
         conn.executemany(_INSERT_EVENT, (_event_row(ev) for ev in batch.events))
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = ?", (batch.state_version, META_STATE_VERSION)

@@ -207,7 +207,10 @@ class CommitBatch:
     marks, events, the state version and last Sync time, clearing ``intent_id``, then ``erase``
     (last, so nothing the transaction leaves names the erased person; see ``Store.commit``).
     ``state_version`` is the version after the batch (unchanged is allowed, lower is not);
-    ``last_sync_issued_at_ms`` of ``None`` leaves the stored value alone.
+    ``last_sync_issued_at_ms`` of ``None`` leaves the stored value alone. ``history_floor``
+    above 0: the batch raised more events than the history retains, and only the newest are in
+    ``events``; the stored history is cut through that version (PROTOCOL.md: older history is
+    signalled, not invented).
     """
 
     state_version: int
@@ -220,11 +223,14 @@ class CommitBatch:
     last_sync_issued_at_ms: int | None = None
     intent_id: str | None = None
     erase: Erasure | None = None
+    history_floor: int = 0
 
     def __post_init__(self) -> None:
         if self.state_version < 0:
             raise RecordError(f"state_version must be >= 0, got {self.state_version}")
-        previous = 0
+        if not 0 <= self.history_floor <= self.state_version:
+            raise RecordError(f"history_floor {self.history_floor} outside 0..state_version")
+        previous = self.history_floor
         for event in self.events:
             if event.state_version <= previous or event.state_version > self.state_version:
                 raise RecordError(

@@ -17,6 +17,9 @@ META_STATE_VERSION = "state_version"
 META_LAST_SYNC = "last_sync_issued_at_ms"
 # The highest state_version whose event is no longer retained (0: history is complete).
 META_EVENTS_FLOOR = "events_floor"
+# The kernel's ruleset generation when the daemon last stopped cleanly; taken (read and
+# deleted) at the next start, so it speaks for one stop only.
+META_STOP_GENERATION = "kernel_generation_at_stop"
 
 _V1 = (
     """

@@ -41,6 +41,8 @@ from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
 
 log = logging.getLogger("vicifast-agent.local")
+# serve_forever notices shutdown() only between polls: a stop waits up to this long.
+SERVE_POLL_S = 0.1
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the name
 _UCRED = struct.Struct("3i")
 IDLE_TIMEOUT_S = 60.0
@@ -210,7 +212,12 @@ class LocalServer:
         self._inode = (st.st_dev, st.st_ino)
         server.applied = self._gate.config()
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="local", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": SERVE_POLL_S},
+            name="local",
+            daemon=True,
+        )
         self._thread.start()
         log.info("local socket on %s (mode 0660, group %s)", self.path, gid or 0)
 

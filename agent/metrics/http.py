@@ -26,6 +26,8 @@ from agent.config import MetricsConfig
 from agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# serve_forever notices shutdown() only between polls: a stop waits up to this long.
+SERVE_POLL_S = 0.1
 CONNECTION_TIMEOUT_S = 10.0
 
 
@@ -131,7 +133,10 @@ class MetricsListener:
         self._server.set_app(make_wsgi_app(registry))
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": SERVE_POLL_S},
+            name="metrics-http",
+            daemon=True,
         )
 
     @property

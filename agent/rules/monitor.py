@@ -36,6 +36,7 @@ NLM_F_DUMP = 0x300
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
 NFT_MSG_GETRULE = 7
 NFT_MSG_NEWRULE = 6
 NFT_MSG_DESTROYSETELEM = 30
@@ -45,6 +46,7 @@ _SET_MSGS = frozenset({9, 11, 29})  # NEWSET, DELSET, DESTROYSET
 # attribute 2 names the set. NEWGEN: 1 generation id, 2 committing thread id, 3 its name.
 _ATTR_TABLE = 1
 _ATTR_SET = 2
+_GEN_ID = 1
 _GEN_PID = 2
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -209,19 +211,12 @@ class NftMonitor:
                     touch = touch.merge(touch_of(chunks, self.table))
 
 
-def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
-    """Rules per chain of ``<family> <table>``, from one netlink dump (no set elements fetched).
-
-    ``nft list chain`` would fetch every element of the table's sets first (~1 s at 100,000).
-    An absent table dumps nothing.
-    """
-    name = table.encode() + b"\0"
-    attr = _NLATTR.pack(_NLATTR.size + len(name), _ATTR_TABLE) + name
-    attr += b"\0" * (-len(attr) % 4)
-    body = _NFGENMSG.pack(family, 0, 0) + attr
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    counts: dict[str, int] = {}
+def _query(kind: int, flags: int, body: bytes) -> Iterator[tuple[int, bytes, int, int]]:
+    """One nf_tables request on a fresh socket: (type, datagram, start, end) of each reply
+    message, until the dump is done. ENOENT ends it quietly; another error raises OSError."""
+    request = _NLMSGHDR.pack(
+        _NLMSGHDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | flags, 1, 0
+    )
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.bind((0, 0))
         sock.send(request + body)
@@ -231,15 +226,46 @@ def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
             while pos + _NLMSGHDR.size <= len(data):
                 length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, pos)
                 if length < _NLMSGHDR.size or mtype == NLMSG_DONE:
-                    return counts
+                    return
                 if mtype == NLMSG_ERROR:
                     code = struct.unpack_from("=i", data, pos + _NLMSGHDR.size)[0]
                     if code == 0 or -code == errno.ENOENT:
-                        return counts
+                        return
                     raise OSError(-code, os.strerror(-code))
-                if mtype & 0xFF == NFT_MSG_NEWRULE:
-                    attrs = dict(_attrs(data, pos + _HEADER_LEN, pos + length))
-                    if _string(attrs.get(_ATTR_TABLE, b"")) == table:
-                        chain = _string(attrs.get(2, b""))
-                        counts[chain] = counts.get(chain, 0) + 1
+                yield mtype & 0xFF, data, pos, pos + length
                 pos += (length + 3) & ~3
+
+
+def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
+    """Rules per chain of ``<family> <table>``, from one netlink dump (no set elements fetched).
+
+    ``nft list chain`` would fetch every element of the table's sets first (~1 s at 100,000).
+    An absent table dumps nothing.
+    """
+    name = table.encode() + b"\0"
+    attr = _NLATTR.pack(_NLATTR.size + len(name), _ATTR_TABLE) + name
+    attr += b"\0" * (-len(attr) % 4)
+    counts: dict[str, int] = {}
+    for kind, data, start, end in _query(
+        NFT_MSG_GETRULE, NLM_F_DUMP, _NFGENMSG.pack(family, 0, 0) + attr
+    ):
+        if kind == NFT_MSG_NEWRULE:
+            attrs = dict(_attrs(data, start + _HEADER_LEN, end))
+            if _string(attrs.get(_ATTR_TABLE, b"")) == table:
+                chain = _string(attrs.get(2, b""))
+                counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def generation() -> int:
+    """The ruleset generation of the calling thread's network namespace.
+
+    Every committed nf_tables transaction, of any table, moves it; element timeouts running
+    out do not. Equal generations at two moments mean nobody changed the ruleset in between.
+    """
+    for kind, data, start, end in _query(NFT_MSG_GETGEN, 0, _NFGENMSG.pack(0, 0, 0)):
+        if kind == NFT_MSG_NEWGEN:
+            for attr, value in _attrs(data, start + _HEADER_LEN, end):
+                if attr == _GEN_ID and len(value) >= 4:
+                    return int(struct.unpack("!I", value[:4])[0])
+    raise OSError(errno.EPROTO, "no generation in the kernel's answer")

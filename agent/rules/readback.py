@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.model import Address, EntryKey, ObservedElement
+from agent.model import IPV4_NORMAL, Address, EntryKey, ObservedElement
 
 _ALLOW_SET = re.compile(r"allow(?P<family>[46])_(?P<profile>[a-z][a-z0-9_]*)")
 
@@ -43,6 +43,8 @@ def parse_allow_set_name(name: str) -> tuple[str, int] | None:
 def _element_address(val: Any, family: int, ipv6_prefix: int) -> Address | None:
     if not isinstance(val, str):
         return None  # prefixes/ranges never appear in allow sets; ignore what is not ours
+    if family == 4 and IPV4_NORMAL.fullmatch(val):
+        return Address.trusted(val)  # nft prints IPv4 in normal form: 100,000 of them at start
     try:
         ip = ipaddress.ip_address(val)
     except ValueError:

@@ -96,6 +96,46 @@ def test_restart_drops_no_packet_of_a_softphone(
     assert stream.lost() == []
 
 
+UNCHANGED = "ruleset unchanged since the last clean stop"
+
+
+def _starts_logged(dev: DevAgent, text: str) -> int:
+    return dev.log_path.read_text(errors="replace").count(text)
+
+
+def test_a_clean_restart_of_an_unchanged_ruleset_adopts_it_without_listing(
+    lab: Lab, agent: DevAgent, client: AgentClient
+) -> None:
+    client.allow([Entry("198.18.6.1", 600, "alice"), Entry("198.18.6.2", 600, "bob")])
+    before = kernel_entries(lab.srv, agent.table)
+    agent.stop()
+    agent.start()
+    assert _starts_logged(agent, UNCHANGED) == 1
+    assert kernel_entries(lab.srv, agent.table) == before
+    assert {e.address for e in client.state().entries} == {"198.18.6.1", "198.18.6.2"}
+
+
+def test_a_change_while_stopped_is_converged_at_the_next_start(
+    lab: Lab, agent: DevAgent, client: AgentClient
+) -> None:
+    client.allow([Entry("198.18.6.1", 600, "alice"), Entry("198.18.6.2", 600, "bob")])
+    agent.stop()
+    # While nobody watches: one element gone, one the agent never granted.
+    lab.srv.nft("delete", "element", "inet", agent.table, "allow4_agent", "{ 198.18.6.2 }")
+    lab.srv.nft("add", "element", "inet", agent.table, "allow4_agent", "{ 198.18.6.9 }")
+    agent.start()
+    assert _starts_logged(agent, UNCHANGED) == 0
+    assert {a for p, a in kernel_entries(lab.srv, agent.table)} == {"198.18.6.1", "198.18.6.2"}
+    # A crash records no generation: the start after it lists the elements again.
+    client.allow([Entry("198.18.6.3", 600, "carol")])
+    agent.send_signal(signal.SIGKILL)
+    assert agent.process is not None
+    agent.process.wait()
+    agent.start()
+    assert _starts_logged(agent, UNCHANGED) == 0
+    assert {e.address for e in client.state().entries} == {"198.18.6.1", "198.18.6.2", "198.18.6.3"}
+
+
 def test_kill_9_during_a_stream_keeps_every_acknowledged_change(
     lab: Lab, agent: DevAgent, relay: TcpRelay, client: AgentClient
 ) -> None:

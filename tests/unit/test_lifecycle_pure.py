@@ -8,13 +8,23 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
+from agent.engine import retained_events
 from agent.model import Address, EntryKey, ObservedElement
-from agent.reconcile import entry_from_element, plan_convergence, request_of, subject_of
+from agent.reconcile import (
+    STARTUP,
+    UNCHANGED_STARTUP,
+    Scope,
+    entry_from_element,
+    plan_convergence,
+    request_of,
+    startup_scope,
+    subject_of,
+)
 from agent.rules import render
 from agent.rules.monitor import NFT_MSG_NEWGEN, Touch, generation_pid, messages, touch_of
 from agent.rules.shadowing import find_shadowing
 from agent.rules.structure import expected_structure, observed_structure
-from agent.state import Entry, EventKind, StateView
+from agent.state import Entry, Event, EventKind, StateView
 
 # --- netlink notifications ----------------------------------------------------------------
 
@@ -327,3 +337,32 @@ def test_a_fresh_host_starts_at_version_zero_with_no_history_yet_counts_as_repai
     assert plan.result.events == ()
     assert plan.result.drift  # the daemon does not count it at start-up (Verifier.record)
     assert "chain input" in plan.result.describe()
+
+
+@pytest.mark.parametrize(
+    ("stopped_at", "now", "intents", "expected"),
+    [
+        (7, 7, False, UNCHANGED_STARTUP),
+        (7, 8, False, STARTUP),  # someone committed while the daemon was stopped
+        (None, 7, False, STARTUP),  # a crash, or a fresh state: nothing recorded
+        (7, None, False, STARTUP),  # the generation could not be read
+        (7, 7, True, STARTUP),  # a pending intent is settled by the elements it left
+    ],
+)
+def test_only_an_unchanged_generation_after_a_clean_stop_skips_the_element_listing(
+    stopped_at: int | None, now: int | None, intents: bool, expected: Scope
+) -> None:
+    assert startup_scope(stopped_at, now, intents=intents) is expected
+    assert UNCHANGED_STARTUP.sets == frozenset()
+    assert UNCHANGED_STARTUP.install
+
+
+def test_only_the_retained_history_of_a_large_change_is_stored() -> None:
+    entry = Entry(EntryKey("agent", Address("198.18.0.1")), "s", 0, 1000, "r")
+    events = [Event(EventKind.ADDED, 0, entry, "", v) for v in range(11, 21)]
+    kept, floor = retained_events(events, keep=3)
+    assert [e.state_version for e in kept] == [18, 19, 20]
+    assert floor == 17
+    kept, floor = retained_events(events, keep=10)
+    assert (len(kept), floor) == (10, 0)
+    assert retained_events(events, keep=0) == ((), 20)

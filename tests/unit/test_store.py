@@ -303,6 +303,14 @@ def test_events_round_trip_with_and_without_an_entry(store: Store) -> None:
     assert store.events_since(1, 1).events == evs[1:2]
 
 
+def test_the_stop_generation_is_taken_once(store: Store) -> None:
+    assert store.take_stop_generation() is None
+    store.record_stop_generation(41)
+    store.record_stop_generation(42)  # the newest stop counts
+    assert store.take_stop_generation() == 42
+    assert store.take_stop_generation() is None  # a crash after this start finds nothing
+
+
 def test_last_sync_is_kept_and_never_moves_backwards(store: Store) -> None:
     store.commit(CommitBatch(state_version=0, last_sync_issued_at_ms=T0 + 10))
     store.commit(CommitBatch(state_version=0, last_sync_issued_at_ms=T0))
@@ -659,6 +667,17 @@ def test_the_event_history_floor_tells_a_watcher_it_missed_history(store: Store)
     # Committing more keeps the floor; versions continue after the retained ones.
     store.commit(CommitBatch(state_version=51, events=events(51, (None,))))
     assert store.oldest_retained_version() == 31
+
+
+def test_a_batch_with_more_events_than_the_history_keeps_cuts_the_history(store: Store) -> None:
+    store.commit(CommitBatch(state_version=5, events=events(1, tuple(entry(n) for n in range(5)))))
+    # Versions 6..105 changed; only the newest 10 events travel, the rest are cut.
+    store.commit(CommitBatch(state_version=105, events=events(96, (None,) * 10), history_floor=95))
+    page = store.events_since(3, 100)
+    assert page.oldest_retained_version == 96  # > 3 + 1: the watcher is told to resync
+    assert [ev.state_version for ev in page.events] == list(range(96, 106))
+    with pytest.raises(RecordError):  # an event inside the cut part cannot travel with it
+        CommitBatch(state_version=120, events=events(110, (None,)), history_floor=110)
 
 
 def test_an_event_not_newer_than_the_stored_version_is_refused(store: Store) -> None:
