@@ -299,15 +299,6 @@ _SELECT_EVENTS = (
     "profile, address, subject, created_at_ms, expires_at_ms, request_id, local "
     "FROM events WHERE state_version > ? ORDER BY state_version LIMIT ?"
 )
-_INSERT_INTENT_CHANGE = (
-    "INSERT INTO intent_changes (intent_id, seq, op, "
-    "profile, address, subject, created_at_ms, expires_at_ms, request_id, local) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SELECT_INTENT_CHANGES = (
-    "SELECT op, profile, address, subject, created_at_ms, expires_at_ms, request_id, local "
-    "FROM intent_changes WHERE intent_id = ? ORDER BY seq"
-)
 # Erasure: ?1 = the subject, ?2 = a JSON array of the addresses.
 _ERASE_AUDIT = (
     "DELETE FROM audit WHERE subject = ?1 OR address IN (SELECT value FROM json_each(?2))"
@@ -478,12 +469,17 @@ class Store:
     # ----- transactions -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable=False`` commits without waiting for the disk
+        (written to the OS, so a killed process loses nothing; an OS crash may lose it): for
+        intents only. A later durable commit's fsync of the WAL makes it durable too."""
         with self._write_lock:
             conn = self._writer
             if conn is None:
                 raise StoreError("store_failed", self._path, "the store is closed")
             try:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = OFF")
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
@@ -493,6 +489,9 @@ class Store:
             except BaseException:
                 _rollback(conn)
                 raise
+            finally:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = FULL")
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -583,14 +582,18 @@ class Store:
         """Intents written and not yet cleared, oldest first (after a crash: to converge)."""
         with self._reading() as conn:
             heads = conn.execute(
-                "SELECT intent_id, created_at_ms FROM intents ORDER BY id"
+                "SELECT intent_id, created_at_ms, changes FROM intents ORDER BY id"
             ).fetchall()
-            intents = []
-            for intent_id, created_at_ms in heads:
-                rows = conn.execute(_SELECT_INTENT_CHANGES, (intent_id,))
-                changes = tuple(IntentChange(_intent_op(row[0]), _entry(row[1:])) for row in rows)
-                intents.append(PendingIntent(intent_id, created_at_ms, changes))
-        return tuple(intents)
+        return tuple(
+            PendingIntent(
+                intent_id,
+                created_at_ms,
+                tuple(
+                    IntentChange(_intent_op(row[0]), _entry(row[1:])) for row in json.loads(changes)
+                ),
+            )
+            for intent_id, created_at_ms, changes in heads
+        )
 
     def audit_records(self, *, since_ms: int = 0, limit: int | None = None) -> list[AuditRecord]:
         """Audit rows with ``at_ms >= since_ms``, in the order they were written."""
@@ -626,18 +629,21 @@ class Store:
     # ----- writes -----------------------------------------------------------------------------
 
     def write_intent(self, intent: PendingIntent) -> None:
-        """Persist what is about to be sent to the kernel, before sending it."""
-        with self._writing() as conn:
+        """Persist what is about to be sent to the kernel, before sending it.
+
+        Not flushed to the disk: the intent only has to outlive this process (a ``kill -9``
+        between the kernel transaction and the commit), which it does once the OS has it. A
+        power loss takes the kernel's ruleset with it, and the restore rebuilds from the last
+        durable commit, where no acknowledged change is missing. One fsync less per group.
+        """
+        changes = json.dumps(
+            [[change.op, *_entry_row(change.entry)] for change in intent.changes],
+            separators=(",", ":"),
+        )
+        with self._writing(durable=False) as conn:
             conn.execute(
-                "INSERT INTO intents (intent_id, created_at_ms) VALUES (?, ?)",
-                (intent.intent_id, intent.created_at_ms),
-            )
-            conn.executemany(
-                _INSERT_INTENT_CHANGE,
-                (
-                    (intent.intent_id, seq, change.op, *_entry_row(change.entry))
-                    for seq, change in enumerate(intent.changes)
-                ),
+                "INSERT INTO intents (intent_id, created_at_ms, changes) VALUES (?, ?, ?)",
+                (intent.intent_id, intent.created_at_ms, changes),
             )
 
     def record_stop_generation(self, generation: int) -> None:
@@ -660,7 +666,7 @@ class Store:
 
     def discard_intent(self, intent_id: str) -> None:
         """Forget an intent whose kernel transaction was refused (nothing changed)."""
-        with self._writing() as conn:
+        with self._writing(durable=False) as conn:
             conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
 
     def commit(self, batch: CommitBatch) -> int:

@@ -144,4 +144,26 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_create_v1,)
+# v2: an intent's changes are one JSON array in its row (``[op, profile, address, subject,
+# created_at_ms, expires_at_ms, request_id, local]`` each), written and deleted as one row: a
+# 100,000-entry Sync no longer inserts and then cascade-deletes 100,000 change rows. Pending
+# v1 intents are carried over in order.
+_V2 = (
+    "ALTER TABLE intents ADD COLUMN changes TEXT NOT NULL DEFAULT '[]'",
+    """
+    UPDATE intents SET changes = (
+        SELECT coalesce(json_group_array(json_array(
+            op, profile, address, subject, created_at_ms, expires_at_ms, request_id, local)), '[]')
+        FROM (SELECT * FROM intent_changes c WHERE c.intent_id = intents.intent_id ORDER BY seq)
+    )
+    """,
+    "DROP TABLE intent_changes",
+)
+
+
+def _compact_intents_v2(conn: sqlite3.Connection) -> None:
+    for statement in _V2:
+        conn.execute(statement)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_create_v1, _compact_intents_v2)

@@ -224,10 +224,46 @@ def test_migrations_run_in_order_and_keep_the_data(
         assert s.load_entries() == [entry(1)]
     raw = sqlite3.connect(db)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(store_schema.MIGRATIONS)
         assert raw.execute("SELECT count(*) FROM notes").fetchone()[0] == 0
     finally:
         raw.close()
+
+
+def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:1])
+    Store.open(db).close()
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("INSERT INTO intents (intent_id, created_at_ms) VALUES ('i1', 5), ('i2', 6)")
+        for seq, (op, n) in enumerate((("upsert", 2), ("remove", 1))):
+            e = entry(n)
+            raw.execute(
+                "INSERT INTO intent_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    "i1",
+                    seq,
+                    op,
+                    e.profile,
+                    e.address,
+                    e.subject,
+                    e.created_at_ms,
+                    e.expires_at_ms,
+                    e.request_id,
+                    int(e.local),
+                ),
+            )
+    raw.close()
+    monkeypatch.undo()
+    with Store.open(db) as s:
+        assert s.pending_intents() == (
+            PendingIntent(
+                "i1", 5, (IntentChange("upsert", entry(2)), IntentChange("remove", entry(1)))
+            ),
+            PendingIntent("i2", 6, ()),
+        )
 
 
 def test_a_failing_migration_changes_nothing(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +279,7 @@ def test_a_failing_migration_changes_nothing(db: Path, monkeypatch: pytest.Monke
     assert info.value.reason == "store_failed"
     raw = sqlite3.connect(db)
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == len(store_schema.MIGRATIONS) - 1
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_schema")}
         assert "half_done" not in tables
     finally:
