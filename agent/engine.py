@@ -105,6 +105,8 @@ class Outcome:
 class _Pending:
     cmd: Command
     future: Future[Outcome] = field(default_factory=Future)
+    # Set by the writer before it answers an applied request: what the waiting caller logs.
+    changed: tuple[Entry, ...] | None = None
 
 
 # A task gets the current view and returns (the new view, the events it produced, its result).
@@ -136,6 +138,23 @@ def to_stored_event(e: Event) -> StoredEvent:
         kind=e.kind.name,
         entry=to_stored(e.entry) if e.entry else None,
         detail=e.detail,
+    )
+
+
+def _log_accepted(cmd: Command, changed: tuple[Entry, ...], state_version: int) -> None:
+    meta = cmd.meta
+    fields = {"REQUEST_ID": meta.request_id, "CALLER": meta.caller, "RPC": meta.rpc}
+    # An erasure's log line must not name the person it erases.
+    if len(changed) == 1 and not isinstance(cmd, EraseCmd):
+        e = changed[0]
+        fields |= {"SUBJECT": e.subject, "ADDRESS": e.key.address.text, "PROFILE": e.key.profile}
+    log.info(
+        "%s %s: %d changed, state_version %d",
+        meta.rpc,
+        meta.request_id,
+        len(changed),
+        state_version,
+        extra=fields,
     )
 
 
@@ -306,7 +325,12 @@ class Engine:
             raise Unavailable("shutting_down", "the agent is not accepting requests")
         pending = _Pending(cmd)
         self._queue.put(pending)
-        return pending.future.result(timeout)
+        outcome = pending.future.result(timeout)
+        if pending.changed is not None:
+            # Logged here, on the caller's thread: a line per request written by the writer
+            # thread would hold up every other request of the group (and the next group).
+            _log_accepted(cmd, pending.changed, outcome.state_version)
+        return outcome
 
     def snapshot(self) -> tuple[list[Entry], int]:
         """Entries the kernel still enforces (expired ones excluded) and the state version."""
@@ -394,14 +418,9 @@ class Engine:
 
         Raises ``AlreadyExists`` when the id was used with another payload.
         """
-        return self._replayed(meta, {})
+        return self._replay_of(meta, self.store.lookup_request(meta.request_id))
 
-    def _replayed(self, meta: RequestMeta, seen: dict[str, bytes]) -> Outcome | None:
-        if meta.request_id in seen:
-            if seen[meta.request_id] != meta.payload_digest:
-                raise AlreadyExists("request_id_reused", f"{meta.request_id} with another payload")
-            return None
-        record = self.store.lookup_request(meta.request_id)
+    def _replay_of(self, meta: RequestMeta, record: RequestRecord | None) -> Outcome | None:
         if record is None:
             return None
         if record.payload_digest != meta.payload_digest:
@@ -416,13 +435,23 @@ class Engine:
         now = self.now_ms()
         base = self.view.detached()
         self._load_ordering(base, group)
+        # One query for the group's ids: a lookup per request would cost a read transaction
+        # each, on the one thread every request waits for.
+        stored = self.store.lookup_requests([p.cmd.meta.request_id for p in group])
         accepted: list[tuple[_Pending, Decision, Outcome]] = []
         seen: dict[str, bytes] = {}
         events: list[Event] = []
         for p in group:
             meta = p.cmd.meta
             try:
-                replay = self._replayed(meta, seen)
+                if meta.request_id in seen:  # the same id twice in one group
+                    if seen[meta.request_id] != meta.payload_digest:
+                        raise AlreadyExists(
+                            "request_id_reused", f"{meta.request_id} with another payload"
+                        )
+                    replay = None
+                else:
+                    replay = self._replay_of(meta, stored.get(meta.request_id))
                 if replay is not None:
                     p.future.set_result(replay)
                     continue
@@ -528,10 +557,10 @@ class Engine:
                 self._forget_history(erasure)
         for e in upserts:
             heapq.heappush(self._deadlines, e.expires_at_ms)
-        self._log_accepted(accepted)
         with self._changed:
             self._changed.notify_all()
         for p, d, o in accepted:
+            p.changed = (*d.upserts, *d.removals)
             answer = (
                 Outcome(o.request_id, o.results, o.state_version, erased) if d.erase_subject else o
             )
@@ -562,28 +591,6 @@ class Engine:
             log.warning(
                 "the store refused a change; the kernel change was undone",
                 extra={"REASON": "store_refused"},
-            )
-
-    def _log_accepted(self, accepted: list[tuple[_Pending, Decision, Outcome]]) -> None:
-        for p, d, o in accepted:
-            meta = p.cmd.meta
-            fields = {"REQUEST_ID": meta.request_id, "CALLER": meta.caller, "RPC": meta.rpc}
-            changed = [*d.upserts, *d.removals]
-            # An erasure's log line must not name the person it erases.
-            if len(changed) == 1 and not isinstance(p.cmd, EraseCmd):
-                e = changed[0]
-                fields |= {
-                    "SUBJECT": e.subject,
-                    "ADDRESS": e.key.address.text,
-                    "PROFILE": e.key.profile,
-                }
-            log.info(
-                "%s %s: %d changed, state_version %d",
-                meta.rpc,
-                meta.request_id,
-                len(changed),
-                o.state_version,
-                extra=fields,
             )
 
     def _erase_results(

@@ -271,6 +271,10 @@ _INSERT_REQUEST = (
     "INSERT INTO requests (request_id, rpc, payload_digest, keep_until_ms, result) "
     "VALUES (?, ?, ?, ?, ?)"
 )
+_SELECT_REQUESTS = (
+    "SELECT request_id, rpc, payload_digest, keep_until_ms, result FROM requests "
+    "WHERE request_id IN (SELECT value FROM json_each(?))"
+)
 _INSERT_REQUEST_NAME = (
     "INSERT OR IGNORE INTO request_names (request_id, kind, value) VALUES (?, ?, ?)"
 )
@@ -494,16 +498,24 @@ class Store:
                     conn.execute("PRAGMA synchronous = FULL")
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A read connection in one read transaction (one snapshot for all its statements)."""
+    def _reading(self, *, statements: int = 2) -> Iterator[sqlite3.Connection]:
+        """A read connection in one read transaction (one snapshot for all its statements).
+
+        ``statements=1``: the caller runs one statement, which is a snapshot by itself, so no
+        BEGIN/COMMIT is sent: each SQLite call gives up the GIL, and getting it back is what
+        the writer thread waits for under load.
+        """
         try:
             conn = self._readers.acquire()
         except sqlite3.Error as exc:
             raise store_error(exc, self._path) from exc
+        explicit = statements > 1
         try:
-            conn.execute("BEGIN")
+            if explicit:
+                conn.execute("BEGIN")
             yield conn
-            conn.execute("COMMIT")
+            if explicit:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise store_error(exc, self._path) from exc
         finally:
@@ -529,21 +541,21 @@ class Store:
 
     def lookup_request(self, request_id: str) -> RequestRecord | None:
         """The stored record of ``request_id``, even one past ``keep_until_ms`` not yet purged."""
-        with self._reading() as conn:
-            row = conn.execute(
-                "SELECT request_id, rpc, payload_digest, keep_until_ms, result FROM requests "
-                "WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        rid, rpc, digest, keep_until, result = row
-        return RequestRecord(rid, rpc, bytes(digest), keep_until, result)
+        return self.lookup_requests([request_id]).get(request_id)
+
+    def lookup_requests(self, request_ids: Iterable[str]) -> dict[str, RequestRecord]:
+        """``lookup_request`` for many ids in one query; ids not stored are absent."""
+        with self._reading(statements=1) as conn:
+            rows = conn.execute(_SELECT_REQUESTS, (json.dumps(list(request_ids)),)).fetchall()
+        return {
+            rid: RequestRecord(rid, rpc, bytes(digest), keep_until, result)
+            for rid, rpc, digest, keep_until, result in rows
+        }
 
     def last_issued_at(self, keys: Iterable[EntryKeyText]) -> dict[EntryKeyText, int]:
         """Ordering memory of the given (profile, address) keys; unknown keys are absent."""
         pairs = json.dumps([[profile, address] for profile, address in keys])
-        with self._reading() as conn:
+        with self._reading(statements=1) as conn:
             rows = conn.execute(
                 "SELECT o.profile, o.address, o.issued_at_ms FROM json_each(?) AS k "
                 "JOIN ordering AS o ON o.profile = json_extract(k.value, '$[0]') "

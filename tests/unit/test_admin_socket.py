@@ -85,7 +85,9 @@ def test_a_stale_socket_is_replaced_and_a_regular_file_is_refused(tmp_path: Path
     cfg = LocalConfig(socket=tmp_path / "local.sock")
     first = LocalServer(lambda: cfg, EchoService())  # type: ignore[arg-type]
     first.start()
-    first._server.server_close()  # type: ignore[union-attr]  # dies without cleaning up
+    # Dies without cleaning up: the listener goes, the socket file stays.
+    first._server.shutdown()  # type: ignore[union-attr]
+    first._server.server_close()  # type: ignore[union-attr]
     again = LocalServer(lambda: cfg, EchoService())  # type: ignore[arg-type]
     again.start()
     assert LocalClient(cfg.socket).call("status")["op"] == "status"
