@@ -139,7 +139,8 @@ class Element:
             # An add without a timeout turns an existing timed element into a permanent one on
             # Debian 12's kernel (RULESET.md), so a non-positive timeout is a programming error.
             raise ValueError("every element needs an explicit positive timeout")
-        if len(self.comment.encode()) > ELEMENT_COMMENT_MAX_BYTES:
+        fits = self.comment.isascii() and len(self.comment) <= ELEMENT_COMMENT_MAX_BYTES
+        if not fits and len(self.comment.encode()) > ELEMENT_COMMENT_MAX_BYTES:
             # libnftables' JSON path drops 253-byte comments and exit()s the process at 254+.
             raise ValueError("element comments are limited to 128 bytes of UTF-8")
 

@@ -151,10 +151,6 @@ def settle_intents(
     return upserts, removals
 
 
-def _set_name(key: EntryKey) -> str:
-    return render.allow_set(key.profile, key.address.family)
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What one convergence changes, decided from the read-back alone (``plan_convergence``).
@@ -197,24 +193,36 @@ def plan_convergence(
 
     expiry = expire(final, now_ms)
     final.fold(expiry)
+    checked_sets = {
+        (profile, family)
+        for profile in {k.profile for k in final.entries}
+        for family in (4, 6)
+        if render.allow_set(profile, family) in checked
+    }
     missing = tuple(
-        e for k, e in final.entries.items() if _set_name(k) in checked and k not in observed
+        e
+        for k, e in final.entries.items()
+        if (k.profile, k.address.family) in checked_sets and k not in observed
     )
     unknown = tuple(o for k, o in observed.items() if k not in final.entries)
-    found: list[Event] = list(expiry.events)
-    found += [
-        Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel") for e in missing
+    events = numbered(expiry.events, view.state_version)
+    version = view.state_version + len(events)
+    # Made with their versions at once: a reboot restores 100,000 entries.
+    events += [
+        Event(EventKind.DRIFT_REPAIRED, now_ms, e, "restored into the kernel", version + i)
+        for i, e in enumerate(missing, 1)
     ]
-    found += [
+    version += len(missing)
+    events += [
         Event(
             EventKind.DRIFT_REPAIRED,
             now_ms,
             entry_from_element(o, now_ms),
             "removed: not granted by the agent",
+            version + i,
         )
-        for o in unknown
+        for i, o in enumerate(unknown, 1)
     ]
-    events = numbered(found, view.state_version)
     final.state_version = view.state_version + len(events)
     result = Convergence(
         restored=len(missing),

@@ -146,9 +146,18 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 caller=caller,
                 keyid=opened.keyid,
             )
-            replay = self.engine.replayed(meta)
-            outcome = replay or self.engine.submit(build(opened.message, meta, s.config))
-            return _result(outcome)
+            try:
+                cmd = build(opened.message, meta, s.config)
+            except AgentError:
+                # PROTOCOL.md checks replay before field validation: a request accepted once
+                # gets its original answer even if it would not validate now. Only a refused
+                # one needs the lookup here; the writer checks every valid one in its group,
+                # which spares each call a read on the way in.
+                replay = self.engine.replayed(meta)
+                if replay is None:
+                    raise
+                return _result(replay)
+            return _result(self.engine.submit(cmd))
         except AgentError as exc:
             code = exc.kind.name
             abort(context, exc)

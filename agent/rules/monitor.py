@@ -53,7 +53,10 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 _HEADER_LEN = _NLMSGHDR.size + _NFGENMSG.size
-RECEIVE_BUFFER = 16 * 1024 * 1024
+# A 100,000-element transaction queues its element notifications before its NEWGEN: 16 MiB
+# overflowed (ENOBUFS, then a needless full read-back of every element), 64 MiB did not. Kernel
+# memory, used only while notifications wait to be read.
+RECEIVE_BUFFER = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,8 @@ def element_comment(subject: str, request_id: str, *, local: bool = False) -> st
     """
     head = ("local " if local else "") + f"req={request_id} sub="
     text = head + subject
+    if text.isascii() and len(text) <= ELEMENT_COMMENT_MAX_BYTES:
+        return text  # one byte per character: no need to encode to count (100,000 at restore)
     raw = text.encode()
     if len(raw) <= ELEMENT_COMMENT_MAX_BYTES:
         return text
