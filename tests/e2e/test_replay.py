@@ -177,6 +177,28 @@ def test_replay_is_recognised_after_a_restart(fresh: AgentRig) -> None:
     assert fresh.observe() == before
 
 
+def test_a_replay_gets_its_original_answer_even_if_it_would_no_longer_validate(
+    fresh: AgentRig,
+) -> None:
+    # PROTOCOL.md: replay is checked before field validation.
+    env = _allow_env(fresh.raw, "198.18.11.5", subject="alice")  # 600 s
+    first = fresh.raw.send("Allow", env)
+    assert first.ok, first.message
+    request_id = agent_pb2.AllowRequest.FromString(env.payload).header.request_id
+    fresh.agent.write_config(fresh.agent.config_text() + "\n[ttl]\nmax = 300\ndefault = 300\n")
+    fresh.restart()
+    before = fresh.observe()
+    again = fresh.raw.send("Allow", env)
+    assert again.applied() == first.result
+    invalid_now = fresh.raw.send(
+        "Allow", _allow_env(fresh.raw, "198.18.11.6", request_id=request_id)
+    )
+    assert (invalid_now.code, invalid_now.reason) == (C.ALREADY_EXISTS, "request_id_reused")
+    fresh_id = fresh.raw.send("Allow", _allow_env(fresh.raw, "198.18.11.6"))
+    assert (fresh_id.code, fresh_id.reason) == (C.INVALID_ARGUMENT, "invalid_ttl")
+    assert fresh.observe() == before
+
+
 def test_a_replay_after_its_window_is_simply_expired(lab: Lab, tmp_path: Path) -> None:
     with AgentRig.running(lab, tmp_path / "short", configure=_short_window) as rig:
         env = _allow_env(rig.raw, "198.18.11.4", valid_ms=1000)
