@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,6 +158,13 @@ def _log_accepted(cmd: Command, changed: tuple[Entry, ...], state_version: int) 
     )
 
 
+def _failure(applying: Future[object]) -> AgentError | None:
+    """The kernel transaction's refusal, once it has finished; None if it succeeded."""
+    wait([applying])
+    exc = applying.exception()
+    return exc if isinstance(exc, AgentError) else None
+
+
 def retained_events(
     events: Sequence[Event], keep: int = HISTORY
 ) -> tuple[tuple[StoredEvent, ...], int]:
@@ -223,6 +230,8 @@ class Engine:
         self._deadlines: list[int] = []
         self._thread: threading.Thread | None = None
         self._history: deque[Event] = deque(maxlen=history)
+        # Kernel transactions of request groups run here, beside the writer (see _commit).
+        self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._keep = history
         self._changed = threading.Condition()
         self._lock = threading.Lock()  # guards view + history for readers on other threads
@@ -316,6 +325,7 @@ class Engine:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._kernel.shutdown(wait=True)
 
     # --- callers -----------------------------------------------------------------------------
 
@@ -499,57 +509,50 @@ class Engine:
         refreshed = {k for k in touched if k in before and k in final.entries}
 
         intent_id = uuid.uuid4().hex
+        stored_upserts = tuple(map(to_stored, upserts))  # for the intent and the commit
         self.store.write_intent(
             PendingIntent(
                 intent_id,
                 now,
-                tuple(IntentChange("upsert", to_stored(e)) for e in upserts)
+                tuple(IntentChange("upsert", e) for e in stored_upserts)
                 + tuple(IntentChange("remove", to_stored(e)) for e in removals),
             )
         )
-        try:
-            self.table.apply(
-                [element_for(e, now) for e in upserts],
-                [e.key for e in removals],
-                present=refreshed | {e.key for e in removals},
-            )
-        except AgentError:
-            self.store.discard_intent(intent_id)
-            raise
-        erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
-        erasure = self._erasure(erase, removals, now) if erase else None
-        requests = tuple(self._request_record(p.cmd, o) for p, _, o in accepted)
-        audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
-        if erasure is not None:
-            requests = self._erase_results(accepted, requests, audit, erasure)
-        stored_events, history_floor = retained_events(events, self._keep)
-        batch = CommitBatch(
-            state_version=final.state_version,
-            upserts=tuple(map(to_stored, upserts)),
-            removals=tuple((e.key.profile, e.key.address.text) for e in removals),
-            requests=requests,
-            audit=audit,
-            ordering=tuple(
-                OrderingMark(k.profile, k.address.text, issued, self._forget_after(final, k, now))
-                for _, d, _ in accepted
-                for k, issued in d.ordering
-            ),
-            events=stored_events,
-            history_floor=history_floor,
-            last_sync_issued_at_ms=next(
-                (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
-            ),
-            intent_id=intent_id,
-            erase=erasure,
+        # The kernel transaction runs on its own thread (libnftables gives up the GIL) while
+        # this one writes the rows; COMMIT waits for the kernel's answer, so the order stays
+        # intent -> kernel -> commit, and a refused transaction rolls the rows back.
+        applying: Future[object] = self._kernel.submit(
+            self.table.apply,
+            [element_for(e, now) for e in upserts],
+            [e.key for e in removals],
+            present=refreshed | {e.key for e in removals},
         )
         try:
-            erased = self.store.commit(batch)
+            erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
+            erasure = self._erasure(erase, removals, now) if erase else None
+            batch = self._batch(
+                final,
+                accepted,
+                events,
+                now=now,
+                stored_upserts=stored_upserts,
+                removals=removals,
+                erasure=erasure,
+                intent_id=intent_id,
+            )
+            erased = self.store.commit(batch, ready=applying.result)
         except AgentError:
+            refused = _failure(applying)
+            if refused is not None:
+                self.store.discard_intent(intent_id)
+                raise refused from None
             # Nothing was recorded (a full disk, a failing store): take the kernel back to what
             # the store says, so a refused request changes nothing. If even that fails, the
             # pending intent and the next verification converge the kernel to the store.
             self._undo(upserts, removals, refreshed, before, now)
             raise
+        finally:
+            wait([applying])
         with self._lock:
             self.view = final.detached()
             self._history.extend(events)
@@ -568,6 +571,44 @@ class Engine:
         if removals:
             # After answering: the sets already drop the source's original-direction packets.
             self.cut_flows(e.key.address for e in removals)
+
+    def _batch(
+        self,
+        final: StateView,
+        accepted: list[tuple[_Pending, Decision, Outcome]],
+        events: list[Event],
+        *,
+        now: int,
+        stored_upserts: tuple[StoredEntry, ...],
+        removals: list[Entry],
+        erasure: Erasure | None,
+        intent_id: str,
+    ) -> CommitBatch:
+        """The group's records, in one batch."""
+        requests = tuple(self._request_record(p.cmd, o) for p, _, o in accepted)
+        audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
+        if erasure is not None:
+            requests = self._erase_results(accepted, requests, audit, erasure)
+        stored_events, history_floor = retained_events(events, self._keep)
+        return CommitBatch(
+            state_version=final.state_version,
+            upserts=stored_upserts,
+            removals=tuple((e.key.profile, e.key.address.text) for e in removals),
+            requests=requests,
+            audit=audit,
+            ordering=tuple(
+                OrderingMark(k.profile, k.address.text, issued, self._forget_after(final, k, now))
+                for _, d, _ in accepted
+                for k, issued in d.ordering
+            ),
+            events=stored_events,
+            history_floor=history_floor,
+            last_sync_issued_at_ms=next(
+                (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
+            ),
+            intent_id=intent_id,
+            erase=erasure,
+        )
 
     def _undo(
         self,

@@ -43,7 +43,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -681,9 +681,12 @@ class Store:
         with self._writing(durable=False) as conn:
             conn.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
 
-    def commit(self, batch: CommitBatch) -> int:
+    def commit(self, batch: CommitBatch, *, ready: Callable[[], object] | None = None) -> int:
         """Write one group commit in one transaction; returns the records ``batch.erase``
         erased (0 without one).
+
+        ``ready``, if given, is called after the rows are written and before COMMIT: it waits
+        for what must happen first (the kernel transaction) and raises to roll everything back.
 
         Raises ``RecordError`` (and writes nothing) when the batch would move ``state_version``
         backwards or carries an event not newer than the stored version; a request id already
@@ -699,6 +702,8 @@ class Store:
                 )
             self._write_batch(conn, batch)
             erased = _erase(conn, batch.erase) if batch.erase is not None else 0
+            if ready is not None:
+                ready()
         if batch.erase is not None:
             self._truncate_wal()
         return erased
