@@ -339,6 +339,31 @@ def test_events_round_trip_with_and_without_an_entry(store: Store) -> None:
     assert store.events_since(1, 1).events == evs[1:2]
 
 
+def test_a_batch_waits_for_ready_and_a_refusal_there_writes_nothing(store: Store) -> None:
+    store.commit(CommitBatch(state_version=1, upserts=(entry(1),)))
+    calls: list[int] = []
+
+    def kernel_refused() -> None:
+        calls.append(store.state_version())  # rows written, not yet committed: not visible
+        raise Unavailable("kernel_refused", "the kernel said no")
+
+    batch = CommitBatch(
+        state_version=2,
+        upserts=(entry(2),),
+        requests=(request("r-2"),),
+        audit=(audit("added", "a", "s"),),
+    )
+    with pytest.raises(Unavailable):
+        store.commit(batch, ready=kernel_refused)
+    assert calls == [1]
+    assert store.load_entries() == [entry(1)]
+    assert store.state_version() == 1
+    assert store.lookup_request("r-2") is None
+    assert store.audit_records() == []
+    assert store.commit(batch, ready=lambda: None) == 0  # the same batch, once the kernel agreed
+    assert store.load_entries() == [entry(1), entry(2)]
+
+
 def test_the_stop_generation_is_taken_once(store: Store) -> None:
     assert store.take_stop_generation() is None
     store.record_stop_generation(41)
