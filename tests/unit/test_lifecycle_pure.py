@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
-from agent.engine import retained_events
+from agent.engine import newest_numbered, retained_events
 from agent.model import Address, EntryKey, ObservedElement
 from agent.reconcile import (
     STARTUP,
@@ -366,3 +366,18 @@ def test_only_the_retained_history_of_a_large_change_is_stored() -> None:
     kept, floor = retained_events(events, keep=10)
     assert (len(kept), floor) == (10, 0)
     assert retained_events(events, keep=0) == ((), 20)
+
+
+def test_a_group_numbers_only_the_events_its_history_keeps() -> None:
+    entry = Entry(EntryKey("agent", Address("198.18.0.1")), "s", 0, 1000, "r")
+
+    def evs(n: int) -> tuple[Event, ...]:
+        return tuple(Event(EventKind.ADDED, 0, entry) for _ in range(n))
+
+    raised = [(evs(3), 10), (evs(0), 13), (evs(4), 13)]  # versions 11-13, then 14-17
+    newest, floor = newest_numbered(raised, keep=5)
+    assert [e.state_version for e in newest] == [13, 14, 15, 16, 17]
+    assert floor == 12
+    newest, floor = newest_numbered(raised, keep=7)
+    assert ([e.state_version for e in newest], floor) == (list(range(11, 18)), 0)
+    assert newest_numbered(raised, keep=0) == ([], 17)
