@@ -579,8 +579,9 @@ class Engine:
             raise
         finally:
             wait([applying])
+        final.last_issued = {}  # a per-group cache, loaded from the store each time
         with self._lock:
-            self.view = final.detached()
+            self.view = final  # the group's own copy: nothing else holds it
             self._history.extend(events)
             if erasure is not None:
                 self._forget_history(erasure)
