@@ -198,6 +198,17 @@ def retained_events(
     return tuple(map(to_stored_event, tail)), events[len(events) - keep - 1].state_version
 
 
+def entries_from_rows(
+    rows: Iterable[tuple[str, str, str, int, int, str, int]],
+) -> dict[EntryKey, Entry]:
+    """The state's entries from the store's rows, whose addresses are in normal form."""
+    entries: dict[EntryKey, Entry] = {}
+    for profile, address, subject, created, expires, request_id, _local in rows:
+        key = EntryKey(profile, Address.trusted(address))
+        entries[key] = Entry(key, subject, created, expires, request_id)
+    return entries
+
+
 def from_stored(s: StoredEntry) -> Entry:
     """The entry of a stored row; the store only ever holds addresses in normal form."""
     return Entry(
@@ -269,7 +280,7 @@ class Engine:
     def load(self) -> None:
         """Read the durable state; the caller converges the kernel before ``start``."""
         self.view = StateView(
-            entries={e.key: e for e in map(from_stored, self.store.load_entries())},
+            entries=entries_from_rows(self.store.entry_rows()),
             last_sync_issued_at_ms=self.store.last_sync_issued_at_ms() or 0,
             state_version=self.store.state_version(),
         )

@@ -524,6 +524,13 @@ class Store:
 
     # ----- reads ------------------------------------------------------------------------------
 
+    def entry_rows(self) -> list[tuple[str, str, str, int, int, str, int]]:
+        """Every stored entry as its row (profile, address, subject, created_at_ms,
+        expires_at_ms, request_id, local): what a start loads, 100,000 of them, without a
+        record object each."""
+        with self._reading() as conn:
+            return conn.execute(_SELECT_ENTRIES).fetchall()
+
     def load_entries(self) -> list[StoredEntry]:
         """Every stored entry (dynamic entries and local grants), in key order."""
         with self._reading() as conn:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
-from agent.engine import newest_numbered, retained_events
+from agent.engine import entries_from_rows, from_stored, newest_numbered, retained_events
 from agent.model import Address, EntryKey, ObservedElement
 from agent.reconcile import (
     STARTUP,
@@ -25,6 +25,7 @@ from agent.rules.monitor import NFT_MSG_NEWGEN, Touch, generation_pid, messages,
 from agent.rules.shadowing import find_shadowing
 from agent.rules.structure import expected_structure, observed_structure
 from agent.state import Entry, Event, EventKind, StateView
+from agent.store_records import StoredEntry
 
 # --- netlink notifications ----------------------------------------------------------------
 
@@ -381,3 +382,15 @@ def test_a_group_numbers_only_the_events_its_history_keeps() -> None:
     newest, floor = newest_numbered(raised, keep=7)
     assert ([e.state_version for e in newest], floor) == (list(range(11, 18)), 0)
     assert newest_numbered(raised, keep=0) == ([], 17)
+
+
+def test_entries_load_from_rows_as_from_records() -> None:
+    rows = [
+        ("agent", "198.18.0.1", "alice", 1, 2, "r-1", 0),
+        ("agent", "2001:db8:1:2::/64", "", 3, 4, "local-r-2", 1),
+    ]
+    loaded = entries_from_rows(rows)
+    assert loaded == {
+        e.key: e for e in (from_stored(StoredEntry(*row[:6], local=bool(row[6]))) for row in rows)
+    }
+    assert [e.local for e in loaded.values()] == [False, True]
