@@ -8,6 +8,7 @@ still gets its own result. Never speaks gRPC: the service hands in validated com
 
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 from agent.errors import AgentError, AlreadyExists, Unavailable
 from agent.model import Address, Element, EntryKey
 from agent.rules.conntrack import forget_flows
+from agent.rules.nft import release_free_memory
 from agent.rules.render import element_comment
 from agent.rules.table import FirewallTable
 from agent.state import (
@@ -61,6 +63,8 @@ from agent.store_records import (
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
+# A group changing this many entries leaves memory to give back once the writer is idle.
+LARGE_BATCH = 10_000
 # Events retained, in memory for WatchEvents and in the store across restarts.
 HISTORY = 10_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
@@ -262,6 +266,7 @@ class Engine:
         self._deadlines: list[int] = []
         self._thread: threading.Thread | None = None
         self._history: deque[Event] = deque(maxlen=history)
+        self._large_batch_done = False
         # Kernel transactions of request groups run here, beside the writer (see _commit).
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._keep = history
@@ -405,6 +410,8 @@ class Engine:
             except queue.Empty:
                 self.last_loop_at = time.monotonic()
                 self._expire()
+                if self._large_batch_done:
+                    self._release_memory()
                 continue
             self.last_loop_at = time.monotonic()
             group: list[_Pending] = []
@@ -590,6 +597,7 @@ class Engine:
             raise
         finally:
             wait([applying])
+        self._large_batch_done |= len(upserts) + len(removals) >= LARGE_BATCH
         final.last_issued = {}  # a per-group cache, loaded from the store each time
         with self._lock:
             self.view = final  # the group's own copy: nothing else holds it
@@ -647,6 +655,16 @@ class Engine:
             intent_id=intent_id,
             erase=erasure,
         )
+
+    def _release_memory(self) -> None:
+        """After a large batch, on the first idle turn (its request and answer are gone by
+        then): the store's page caches, unreachable cycles, and the C heap's free pages go
+        back. A 100,000-entry Sync leaves about 90 MB that would otherwise stay with the
+        process."""
+        self._large_batch_done = False
+        self.store.release_memory()
+        gc.collect()
+        release_free_memory()
 
     def _undo(
         self,

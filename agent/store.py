@@ -238,6 +238,11 @@ class _ReaderPool:
             raise
         return conn
 
+    def shrink(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.execute("PRAGMA shrink_memory")
+
     def release(self, conn: sqlite3.Connection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < _MAX_IDLE_READERS:
@@ -523,6 +528,14 @@ class Store:
             self._readers.release(conn)
 
     # ----- reads ------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Give back the page caches (after a large batch filled the writer's): idle again, the
+        agent needs a few pages, not tens of megabytes."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.execute("PRAGMA shrink_memory")
+        self._readers.shrink()
 
     def entry_rows(self) -> list[tuple[str, str, str, int, int, str, int]]:
         """Every stored entry as its row (profile, address, subject, created_at_ms,

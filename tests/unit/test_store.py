@@ -364,6 +364,14 @@ def test_a_batch_waits_for_ready_and_a_refusal_there_writes_nothing(store: Store
     assert store.load_entries() == [entry(1), entry(2)]
 
 
+def test_releasing_memory_keeps_the_store_working(store: Store) -> None:
+    store.commit(CommitBatch(state_version=1, upserts=(entry(1),)))
+    assert store.lookup_request("none") is None  # a reader connection is pooled
+    store.release_memory()
+    store.commit(CommitBatch(state_version=2, upserts=(entry(2),)))
+    assert store.load_entries() == [entry(1), entry(2)]
+
+
 def test_the_stop_generation_is_taken_once(store: Store) -> None:
     assert store.take_stop_generation() is None
     store.record_stop_generation(41)
