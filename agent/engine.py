@@ -113,6 +113,21 @@ class _Pending:
     changed: tuple[Entry, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """One group's decided change, on its way to the kernel and the store.
+
+    ``events``: its newest events (at most the history's length), numbered; ``history_floor``:
+    the version through which its older ones are not kept (0: none dropped).
+    """
+
+    final: StateView
+    accepted: list[tuple[_Pending, Decision, Outcome]]
+    events: list[Event]
+    history_floor: int
+    now: int
+
+
 # A task gets the current view and returns (the new view, the events it produced, its result).
 Task = Callable[[StateView], tuple[StateView, Sequence[Event], Any]]
 
@@ -518,7 +533,7 @@ class Engine:
         if not accepted:
             return
         events, history_floor = newest_numbered(raised, self._keep)
-        self._commit(base, accepted, events, history_floor, now)
+        self._commit(_Group(base, accepted, events, history_floor, now))
 
     def _load_ordering(self, view: StateView, group: list[_Pending]) -> None:
         keys: set[tuple[str, str]] = set()
@@ -535,16 +550,8 @@ class Engine:
             for (prof, addr), issued in self.store.last_issued_at(keys).items():
                 view.last_issued[EntryKey(prof, Address.trusted(addr))] = issued
 
-    def _commit(
-        self,
-        final: StateView,
-        accepted: list[tuple[_Pending, Decision, Outcome]],
-        events: list[Event],
-        history_floor: int,
-        now: int,
-    ) -> None:
-        """``events``: the group's newest (at most the history's length), numbered;
-        ``history_floor``: the version through which the group's older ones are not kept."""
+    def _commit(self, group: _Group) -> None:
+        final, accepted, events, now = group.final, group.accepted, group.events, group.now
         before = self.view.entries
         touched = {e.key for _, d, _ in accepted for e in (*d.upserts, *d.removals)}
         upserts = [final.entries[k] for k in touched if k in final.entries]
@@ -574,11 +581,7 @@ class Engine:
             erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
             erasure = self._erasure(erase, removals, now) if erase else None
             batch = self._batch(
-                final,
-                accepted,
-                events,
-                history_floor=history_floor,
-                now=now,
+                group,
                 stored_upserts=stored_upserts,
                 removals=removals,
                 erasure=erasure,
@@ -620,18 +623,15 @@ class Engine:
 
     def _batch(
         self,
-        final: StateView,
-        accepted: list[tuple[_Pending, Decision, Outcome]],
-        events: list[Event],
+        group: _Group,
         *,
-        history_floor: int,
-        now: int,
         stored_upserts: tuple[StoredEntry, ...],
         removals: list[Entry],
         erasure: Erasure | None,
         intent_id: str,
     ) -> CommitBatch:
         """The group's records, in one batch."""
+        final, accepted, now = group.final, group.accepted, group.now
         requests = tuple(self._request_record(p.cmd, o) for p, _, o in accepted)
         audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
         if erasure is not None:
@@ -647,8 +647,8 @@ class Engine:
                 for _, d, _ in accepted
                 for k, issued in d.ordering
             ),
-            events=tuple(map(to_stored_event, events)),
-            history_floor=history_floor,
+            events=tuple(map(to_stored_event, group.events)),
+            history_floor=group.history_floor,
             last_sync_issued_at_ms=next(
                 (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
             ),

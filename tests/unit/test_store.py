@@ -3,6 +3,7 @@ corruption and full disks, retention, erasure, the bounded event history and cra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -242,18 +243,7 @@ def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
             e = entry(n)
             raw.execute(
                 "INSERT INTO intent_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    "i1",
-                    seq,
-                    op,
-                    e.profile,
-                    e.address,
-                    e.subject,
-                    e.created_at_ms,
-                    e.expires_at_ms,
-                    e.request_id,
-                    int(e.local),
-                ),
+                ("i1", seq, op, *dataclasses.astuple(e)[:-1], int(e.local)),
             )
     raw.close()
     monkeypatch.undo()
