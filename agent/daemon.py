@@ -40,7 +40,7 @@ from agent.rpc.server import AgentServer
 from agent.rpc.service import FirewallAgentService, Health, Settings
 from agent.rpc.signing import trust_policy_from_config
 from agent.rules.monitor import NftMonitor, generation
-from agent.rules.nft import NftAdapter
+from agent.rules.nft import NftAdapter, limit_heap_arenas
 from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
 from agent.state import Entry, Event, EventKind, Limits, StateView, numbered
@@ -51,6 +51,7 @@ from agent.verify import Verifier
 log = logging.getLogger("vicifast-agent")
 PURGE_EVERY_S = 300.0
 STOP_GRACE_S = 10.0
+HEAP_ARENAS = 2  # see agent.rules.nft.limit_heap_arenas
 # Exit status for "the state directory cannot be used": the unit must not restart on it
 # (RestartPreventExitStatus=), since a restart cannot fix a permission or I/O problem.
 EXIT_STORE_UNUSABLE = 78
@@ -430,6 +431,7 @@ def _reason(exc: AgentError) -> dict[str, str]:
 
 
 def run(config_path: Path) -> int:
+    limit_heap_arenas(HEAP_ARENAS)
     setup_logging()
     try:
         code = Daemon(config_path).run()
