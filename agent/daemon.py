@@ -39,7 +39,7 @@ from agent.rpc.auth import CallerPolicy
 from agent.rpc.server import AgentServer
 from agent.rpc.service import FirewallAgentService, Health, Settings
 from agent.rpc.signing import trust_policy_from_config
-from agent.rules.monitor import NftMonitor, generation
+from agent.rules.monitor import NftMonitor, ruleset_fingerprint
 from agent.rules.nft import NftAdapter, limit_heap_arenas
 from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
@@ -280,22 +280,21 @@ class Daemon:
     def _startup_scope(self) -> Scope:
         stopped_at = self.store.take_stop_generation()
         try:
-            current: int | None = generation()
+            current: int | None = ruleset_fingerprint()
         except OSError as exc:
             log.warning("cannot read the ruleset generation: %s", exc)
             current = None
         scope = startup_scope(stopped_at, current, intents=bool(self.store.pending_intents()))
         if scope is UNCHANGED_STARTUP:
             log.info(
-                "ruleset unchanged since the last clean stop (generation %s): "
+                "ruleset unchanged since the last clean stop: "
                 "the elements are adopted without listing them",
-                current,
             )
         return scope
 
     def _record_stop_generation(self) -> None:
         try:
-            self.store.record_stop_generation(generation())
+            self.store.record_stop_generation(ruleset_fingerprint())
         except (OSError, AgentError) as exc:
             log.warning("cannot record the ruleset generation; the next start lists it: %s", exc)
 

@@ -64,9 +64,10 @@ STRUCTURE = Scope(structure=True, sets=frozenset())
 def startup_scope(stop_generation: int | None, generation: int | None, *, intents: bool) -> Scope:
     """Pure: what the start-up convergence must read.
 
-    ``stop_generation`` is the kernel's ruleset generation recorded at the last clean stop (None
-    after a crash or on a fresh state), ``generation`` the current one (None if unreadable).
-    Every committed transaction of any table moves the generation, so equal values mean nobody
+    ``stop_generation`` is the kernel's ruleset generation (``ruleset_fingerprint``: with the
+    boot and the namespace) recorded at the last clean stop (None after a crash or on a fresh
+    state), ``generation`` the current one (None if unreadable). Every committed transaction
+    of any table moves the generation, so equal values mean nobody
     changed the ruleset in between. Pending intents need the elements to be settled.
     """
     if stop_generation is None or stop_generation != generation or intents:

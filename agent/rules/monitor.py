@@ -17,12 +17,14 @@ lost is unknown and the touch says so.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
@@ -272,6 +274,20 @@ def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
                 chain = _string(attrs.get(2, b""))
                 counts[chain] = counts.get(chain, 0) + 1
     return counts
+
+
+def ruleset_fingerprint() -> int:
+    """The calling thread's ruleset generation, qualified by boot and network namespace.
+
+    Generations start again at each boot and in each namespace, so a bare number could match
+    one recorded before a reboot (a table restored by nftables.conf, then as many commits).
+    A 63-bit digest of boot id, namespace inode and generation: equal values mean the same
+    ruleset history, at the same generation.
+    """
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    netns = os.stat("/proc/thread-self/ns/net").st_ino
+    digest = hashlib.blake2b(f"{boot}:{netns}:{generation()}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def generation() -> int:

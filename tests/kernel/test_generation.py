@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import threading
 
-from netlab import Lab
+from netlab import Lab, Netns
 
-from agent.rules.monitor import NftMonitor, Touch, generation
+from agent.devlab import scratch_netns
+from agent.rules.monitor import NftMonitor, Touch, generation, ruleset_fingerprint
 
 
 def test_the_generation_moves_with_each_commit_and_only_then(lab: Lab) -> None:
@@ -21,6 +22,18 @@ def test_the_generation_moves_with_each_commit_and_only_then(lab: Lab) -> None:
     assert lab.srv.call(generation) == after_add
     lab.srv.nft("delete", "table", "inet", "vf_gen_other")
     assert lab.srv.call(generation) > after_add
+
+
+def test_the_fingerprint_names_generation_and_namespace(lab: Lab) -> None:
+    first = lab.srv.call(ruleset_fingerprint)
+    assert lab.srv.call(ruleset_fingerprint) == first
+    lab.srv.nft("add", "table", "inet", "vf_gen_other")
+    assert lab.srv.call(ruleset_fingerprint) != first
+    with scratch_netns("vf-fp-a") as a, scratch_netns("vf-fp-b") as b:
+        ns_a, ns_b = Netns(a), Netns(b)
+        assert ns_a.call(generation) == ns_b.call(generation)  # both fresh
+        assert ns_a.call(ruleset_fingerprint) != ns_b.call(ruleset_fingerprint)
+    lab.srv.nft("delete", "table", "inet", "vf_gen_other")
 
 
 def _own_commit(lab: Lab, nft: object, script: str) -> None:
