@@ -5,13 +5,13 @@ Owns the netlink sockets the lifecycle needs besides libnftables: a listener on 
 table. It only reads; it never changes the ruleset.
 
 A committed transaction's notifications arrive before its ``NEWGEN`` message, which names the
-process (thread id) that committed it. Messages are therefore kept, undecoded, until that
-``NEWGEN``; when the committer is a thread of this process the whole generation is dropped
-unread. The NEWGEN's header names the committing socket's port, so from the agent's first own
-transaction on, its later notifications are dropped as they arrive: a 100,000-element Sync
-costs one receive and one header read per element, and nothing is kept. A foreign generation
-is summed up as a ``Touch`` of the agent's table. If the socket overflowed (ENOBUFS), what was
-lost is unknown and the touch says so.
+process (thread id) that committed it. Each message is therefore folded into a summary of its
+generation as it arrives (nothing is kept), and at the ``NEWGEN`` the summary is reported as a
+``Touch`` of the agent's table, or dropped when the committer is a thread of this process. That
+NEWGEN's header also names the committing socket's port, so from the agent's first own
+transaction on, its later notifications are dropped unread: a 100,000-element Sync costs one
+receive and one header read per element. If the socket overflowed (ENOBUFS), what was lost is
+unknown and the touch says so.
 """
 
 from __future__ import annotations
@@ -123,26 +123,42 @@ def generation_pid(data: bytes, start: int, end: int) -> int:
     return 0
 
 
+@dataclass(slots=True)
+class GenerationSummary:
+    """What the messages of one generation so far did to ``inet <table>``, folded in as they
+    arrive, so that no message is kept until its generation's ``NEWGEN``."""
+
+    table: str
+    structure: bool = False
+    elsewhere: bool = False
+    sets: set[str] = field(default_factory=set)
+
+    def add(self, data: bytes, kind: int, start: int, end: int) -> None:
+        if kind == NFT_MSG_NEWGEN or end - start < _HEADER_LEN:
+            return
+        family = data[start + _NLMSGHDR.size]
+        attrs = dict(_attrs(data, start + _HEADER_LEN, end))
+        if family != NFPROTO_INET or _string(attrs.get(_ATTR_TABLE, b"")) != self.table:
+            self.elsewhere = True
+            return
+        if kind in _ELEMENT_MSGS:
+            self.sets.add(_string(attrs.get(_ATTR_SET, b"")))
+        else:
+            self.structure = True
+            if kind in _SET_MSGS:
+                self.sets.add(_string(attrs.get(_ATTR_SET, b"")))
+
+    def touch(self) -> Touch:
+        return Touch(self.structure, frozenset(self.sets), elsewhere=self.elsewhere)
+
+
 def touch_of(chunks: list[bytes], table: str) -> Touch:
     """Pure: what the messages of one foreign generation did to ``inet <table>``."""
-    structure = elsewhere = False
-    sets: set[str] = set()
+    summary = GenerationSummary(table)
     for data in chunks:
         for kind, start, end in messages(data):
-            if kind == NFT_MSG_NEWGEN or end - start < _HEADER_LEN:
-                continue
-            family = data[start + _NLMSGHDR.size]
-            attrs = dict(_attrs(data, start + _HEADER_LEN, end))
-            if family != NFPROTO_INET or _string(attrs.get(_ATTR_TABLE, b"")) != table:
-                elsewhere = True
-                continue
-            if kind in _ELEMENT_MSGS:
-                sets.add(_string(attrs.get(_ATTR_SET, b"")))
-            else:
-                structure = True
-                if kind in _SET_MSGS:
-                    sets.add(_string(attrs.get(_ATTR_SET, b"")))
-    return Touch(structure=structure, sets=frozenset(sets), elsewhere=elsewhere)
+            summary.add(data, kind, start, end)
+    return summary.touch()
 
 
 def own_thread(tid: int) -> bool:
@@ -157,13 +173,14 @@ class NftMonitor:
     table: str
     is_own: Callable[[int], bool] = own_thread
     sock: socket.socket = field(init=False)
-    _pending: list[bytes] = field(init=False, default_factory=list)
+    _summary: GenerationSummary = field(init=False)
     # Netlink port ids of the sockets this process commits from (learnt from its own NEWGEN
     # headers): their notifications are dropped on arrival instead of kept until the NEWGEN.
     _own_ports: set[int] = field(init=False, default_factory=set)
     _buffer: bytearray = field(init=False, default_factory=lambda: bytearray(1 << 20))
 
     def __post_init__(self) -> None:
+        self._summary = GenerationSummary(self.table)
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             try:
@@ -210,7 +227,7 @@ class NftMonitor:
                 return touch
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    self._pending.clear()
+                    self._summary = GenerationSummary(self.table)
                     touch = touch.merge(Touch(lost=True))
                     continue
                 raise
@@ -219,15 +236,15 @@ class NftMonitor:
                 if port in self._own_ports and length == size and kind & 0xFF != NFT_MSG_NEWGEN:
                     continue  # one message of the agent's own (a Sync sends 100,000 of them)
             data = bytes(view[:size])
-            self._pending.append(data)
             for kind, start, end in messages(data):
                 if kind != NFT_MSG_NEWGEN:
+                    self._summary.add(data, kind, start, end)
                     continue
-                chunks, self._pending = self._pending, []
                 if self.is_own(generation_pid(data, start, end)):
                     self._own_ports.add(_NLMSGHDR.unpack_from(data, start)[4])
                 else:
-                    touch = touch.merge(touch_of(chunks, self.table))
+                    touch = touch.merge(self._summary.touch())
+                self._summary = GenerationSummary(self.table)
 
 
 def _query(kind: int, flags: int, body: bytes) -> Iterator[tuple[int, bytes, int, int]]:
