@@ -194,17 +194,21 @@ def plan_convergence(
 
     expiry = expire(final, now_ms)
     final.fold(expiry)
+    profiles = {k.profile for k in final.entries}
     checked_sets = {
         (profile, family)
-        for profile in {k.profile for k in final.entries}
+        for profile in profiles
         for family in (4, 6)
         if render.allow_set(profile, family) in checked
     }
-    missing = tuple(
-        e
-        for k, e in final.entries.items()
-        if (k.profile, k.address.family) in checked_sets and k not in observed
-    )
+    if len(checked_sets) == 2 * len(profiles):  # every set read (start-up, reboot): no filter
+        missing = tuple(e for k, e in final.entries.items() if k not in observed)
+    else:
+        missing = tuple(
+            e
+            for k, e in final.entries.items()
+            if (k.profile, k.address.family) in checked_sets and k not in observed
+        )
     unknown = tuple(o for k, o in observed.items() if k not in final.entries)
     events = numbered(expiry.events, view.state_version)
     version = view.state_version + len(events)

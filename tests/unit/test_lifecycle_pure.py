@@ -329,6 +329,15 @@ def test_convergence_raises_one_event_and_version_per_entry_and_none_for_structu
     assert view.state_version == (7 if stored else 0)  # the caller's view is left as it was
 
 
+def test_only_entries_of_the_sets_read_can_be_missing() -> None:
+    v6 = Entry(EntryKey("agent", Address("2001:db8::5")), "bob", NOW - 1000, NOW + 60_000, "r6")
+    view = StateView(entries={ALICE.key: ALICE, v6.key: v6})
+    only_v4 = plan_convergence(view, {}, checked={"allow4_agent"}, now_ms=NOW)
+    assert [e.key for e in only_v4.missing] == [ALICE.key]
+    both = plan_convergence(view, {}, checked={"allow4_agent", "allow6_agent"}, now_ms=NOW)
+    assert {e.key for e in both.missing} == {ALICE.key, v6.key}
+
+
 def test_a_fresh_host_starts_at_version_zero_with_no_history_yet_counts_as_repaired() -> None:
     plan = plan_convergence(
         StateView(), {}, checked=ALL_SETS, now_ms=NOW, structure_repaired=NO_TABLE
