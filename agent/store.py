@@ -503,10 +503,10 @@ class Store:
                     conn.execute("PRAGMA synchronous = FULL")
 
     @contextlib.contextmanager
-    def _reading(self, *, statements: int = 2) -> Iterator[sqlite3.Connection]:
+    def _reading(self, *, one_statement: bool = False) -> Iterator[sqlite3.Connection]:
         """A read connection in one read transaction (one snapshot for all its statements).
 
-        ``statements=1``: the caller runs one statement, which is a snapshot by itself, so no
+        ``one_statement``: the caller runs one statement, which is a snapshot by itself, so no
         BEGIN/COMMIT is sent: each SQLite call gives up the GIL, and getting it back is what
         the writer thread waits for under load.
         """
@@ -514,7 +514,7 @@ class Store:
             conn = self._readers.acquire()
         except sqlite3.Error as exc:
             raise store_error(exc, self._path) from exc
-        explicit = statements > 1
+        explicit = not one_statement
         try:
             if explicit:
                 conn.execute("BEGIN")
@@ -541,7 +541,7 @@ class Store:
         """Every stored entry as its row (profile, address, subject, created_at_ms,
         expires_at_ms, request_id, local): what a start loads, 100,000 of them, without a
         record object each."""
-        with self._reading() as conn:
+        with self._reading(one_statement=True) as conn:
             return conn.execute(_SELECT_ENTRIES).fetchall()
 
     def load_entries(self) -> list[StoredEntry]:
@@ -565,7 +565,7 @@ class Store:
 
     def lookup_requests(self, request_ids: Iterable[str]) -> dict[str, RequestRecord]:
         """``lookup_request`` for many ids in one query; ids not stored are absent."""
-        with self._reading(statements=1) as conn:
+        with self._reading(one_statement=True) as conn:
             rows = conn.execute(_SELECT_REQUESTS, (json.dumps(list(request_ids)),)).fetchall()
         return {
             rid: RequestRecord(rid, rpc, bytes(digest), keep_until, result)
@@ -575,7 +575,7 @@ class Store:
     def last_issued_at(self, keys: Iterable[EntryKeyText]) -> dict[EntryKeyText, int]:
         """Ordering memory of the given (profile, address) keys; unknown keys are absent."""
         pairs = json.dumps([[profile, address] for profile, address in keys])
-        with self._reading(statements=1) as conn:
+        with self._reading(one_statement=True) as conn:
             rows = conn.execute(
                 "SELECT o.profile, o.address, o.issued_at_ms FROM json_each(?) AS k "
                 "JOIN ordering AS o ON o.profile = json_extract(k.value, '$[0]') "
