@@ -205,18 +205,6 @@ def newest_numbered(
     return newest, (newest[0].state_version if newest else last_first + len(last_evs) + 1) - 1
 
 
-def retained_events(
-    events: Sequence[Event], keep: int = HISTORY
-) -> tuple[tuple[StoredEvent, ...], int]:
-    """The newest ``keep`` of ``events`` as stored rows, and the version through which the
-    history is cut (0: all are kept). A 100,000-entry Sync raises 100,000 events and the
-    history keeps 10,000: the others are never written."""
-    if len(events) <= keep:
-        return tuple(map(to_stored_event, events)), 0
-    tail = events[len(events) - keep :] if keep else ()
-    return tuple(map(to_stored_event, tail)), events[len(events) - keep - 1].state_version
-
-
 def entries_from_rows(
     rows: Iterable[tuple[str, str, str, int, int, str, int]],
 ) -> dict[EntryKey, Entry]:
@@ -799,14 +787,13 @@ class Engine:
         final = self.view.detached()
         first = final.state_version
         final.fold(decision)
-        events = numbered(decision.events, first)
-        stored_events, history_floor = retained_events(events, self._keep)
+        events, history_floor = newest_numbered([(decision.events, first)], self._keep)
         try:
             self.store.commit(
                 CommitBatch(
                     state_version=final.state_version,
                     removals=tuple((e.key.profile, e.key.address.text) for e in decision.removals),
-                    events=stored_events,
+                    events=tuple(map(to_stored_event, events)),
                     history_floor=history_floor,
                     audit=tuple(expiry_audit(e, now) for e in decision.removals),
                 )
@@ -819,6 +806,6 @@ class Engine:
         with self._lock:
             self.view = final
             self._history.extend(events)
-        self.expiries += len(events)
+        self.expiries += len(decision.events)
         with self._changed:
             self._changed.notify_all()

@@ -81,7 +81,7 @@ def _fast_ipv4(text: str, policy: AddressPolicy) -> Address | None:
         return Address.trusted(bare)
     if any(lo <= n <= hi for lo, hi in _V4_SPECIAL):
         return None
-    return Address(bare)
+    return Address.trusted(bare)  # IPV4_NORMAL just matched it
 
 
 _DECIMAL = re.compile(r"[0-9]+")

@@ -21,7 +21,14 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.engine import element_for, expiry_audit, from_stored, retained_events, to_stored
+from agent.engine import (
+    element_for,
+    expiry_audit,
+    from_stored,
+    newest_numbered,
+    to_stored,
+    to_stored_event,
+)
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
 from agent.rules.structure import expected_structure, read_structure
@@ -67,8 +74,8 @@ def startup_scope(stop_generation: int | None, generation: int | None, *, intent
     ``stop_generation`` is the kernel's ruleset generation (``ruleset_fingerprint``: with the
     boot and the namespace) recorded at the last clean stop (None after a crash or on a fresh
     state), ``generation`` the current one (None if unreadable). Every committed transaction
-    of any table moves the generation, so equal values mean nobody
-    changed the ruleset in between. Pending intents need the elements to be settled.
+    of any table moves the generation, so equal values mean nobody changed the ruleset in
+    between. Pending intents need the elements to be settled.
     """
     if stop_generation is None or stop_generation != generation or intents:
         return STARTUP
@@ -278,14 +285,15 @@ def converge(
     result = plan.result
     if plan.upserts or plan.removals or result.events or intents:
         gone = plan.removals | {e.key for e in plan.expired}
-        stored_events, history_floor = retained_events(result.events)
+        # Numbered already, from the view's version on; only the history's length is written.
+        kept, history_floor = newest_numbered([(result.events, view.state_version)])
         store.commit(
             CommitBatch(
                 state_version=plan.view.state_version,
                 upserts=tuple(to_stored(e) for e in plan.upserts.values()),
                 removals=tuple((k.profile, k.address.text) for k in gone),
                 audit=tuple(expiry_audit(e, now_ms) for e in plan.expired),
-                events=stored_events,
+                events=tuple(map(to_stored_event, kept)),
                 history_floor=history_floor,
             )
         )

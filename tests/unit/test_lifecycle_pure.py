@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
-from agent.engine import entries_from_rows, from_stored, newest_numbered, retained_events
+from agent.engine import entries_from_rows, from_stored, newest_numbered
 from agent.model import Address, EntryKey, ObservedElement
 from agent.reconcile import (
     STARTUP,
@@ -370,12 +370,13 @@ def test_only_an_unchanged_generation_after_a_clean_stop_skips_the_element_listi
 def test_only_the_retained_history_of_a_large_change_is_stored() -> None:
     entry = Entry(EntryKey("agent", Address("198.18.0.1")), "s", 0, 1000, "r")
     events = [Event(EventKind.ADDED, 0, entry, "", v) for v in range(11, 21)]
-    kept, floor = retained_events(events, keep=3)
+    # Events numbered already (a convergence's) keep their versions.
+    kept, floor = newest_numbered([(events, 10)], keep=3)
     assert [e.state_version for e in kept] == [18, 19, 20]
     assert floor == 17
-    kept, floor = retained_events(events, keep=10)
+    kept, floor = newest_numbered([(events, 10)], keep=10)
     assert (len(kept), floor) == (10, 0)
-    assert retained_events(events, keep=0) == ((), 20)
+    assert newest_numbered([(events, 10)], keep=0) == ([], 20)
 
 
 def test_a_group_numbers_only_the_events_its_history_keeps() -> None:
