@@ -8,6 +8,9 @@ still gets its own result. Never speaks gRPC: the service hands in validated com
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gc
 import heapq
 import json
@@ -65,6 +68,9 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 512
 # A group changing this many entries leaves memory to give back once the writer is idle.
 LARGE_BATCH = 10_000
+# From this many changes on, a group's kernel transaction runs beside the writing of its rows;
+# below, handing it to another thread and back costs more than the overlap gains.
+OVERLAP_BATCH = 1_000
 # Events retained, in memory for WatchEvents and in the store across restarts.
 HISTORY = 10_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
@@ -105,12 +111,59 @@ class Outcome:
         )
 
 
+Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
+
+
 @dataclass(slots=True)
 class _Pending:
     cmd: Command
     future: Future[Outcome] = field(default_factory=Future)
     # Set by the writer before it answers an applied request: what the waiting caller logs.
     changed: tuple[Entry, ...] | None = None
+    # An event-loop caller's future, answered with the rest of its group (see _hand_over).
+    waiter: Waiter | None = None
+
+
+def _hand_over(group: Iterable[_Pending]) -> None:
+    """Pass a group's answers to the event-loop callers among it: one wake-up per loop, not one
+    per caller (each would be a write to the loop's pipe and a tug of war for the GIL)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Outcome], Future[Outcome]]]]
+    by_loop = {}
+    for p in group:
+        if p.waiter is None:
+            continue
+        loop, waiter = p.waiter
+        if p.future.done():
+            by_loop.setdefault(loop, []).append((waiter, p.future))
+        else:  # not expected: whenever it is answered, it is handed over on its own
+            p.future.add_done_callback(functools.partial(_wake_one, loop, waiter))
+    for loop, answers in by_loop.items():
+        _wake(loop, answers)
+
+
+def _wake(
+    loop: asyncio.AbstractEventLoop,
+    answers: list[tuple[asyncio.Future[Outcome], Future[Outcome]]],
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        loop.call_soon_threadsafe(_deliver, answers)
+
+
+def _wake_one(
+    loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Outcome], answered: Future[Outcome]
+) -> None:
+    _wake(loop, [(waiter, answered)])
+
+
+def _deliver(answers: list[tuple[asyncio.Future[Outcome], Future[Outcome]]]) -> None:
+    for waiter, answered in answers:
+        if waiter.done():  # the call was cancelled meanwhile
+            continue
+        exc = answered.exception()
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(answered.result())
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +326,8 @@ class Engine:
         # Kernel transactions of request groups run here, beside the writer (see _commit).
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self._keep = history
-        self._changed = threading.Condition()
+        # Called on the writer thread after every published change (see ``add_listener``).
+        self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()  # guards view + history for readers on other threads
         self.last_loop_at = time.monotonic()
         self._stop_seen = False
@@ -347,8 +401,20 @@ class Engine:
             self._history.extend(events)
         self.expiries += sum(1 for e in events if e.kind is EventKind.EXPIRED)
         self._reset_deadlines()
-        with self._changed:
-            self._changed.notify_all()
+        self._announce()
+
+    def add_listener(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` (on the writer thread, so it must only hand over, never wait) after
+        every change of the state version: how watchers learn of new events without polling."""
+        self._listeners.append(changed)
+
+    def _announce(self) -> None:
+        for changed in self._listeners:
+            changed()
+
+    @property
+    def state_version(self) -> int:
+        return self.view.state_version
 
     def _reset_deadlines(self) -> None:
         self._deadlines = [e.expires_at_ms for e in self.view.entries.values()]
@@ -371,15 +437,32 @@ class Engine:
 
     def submit(self, cmd: Command, timeout: float | None = 60.0) -> Outcome:
         """Queue ``cmd`` and wait for its outcome (or its ``AgentError``)."""
+        pending = self._enqueue(cmd)
+        return self._settled(pending, pending.future.result(timeout))
+
+    async def submit_async(self, cmd: Command) -> Outcome:
+        """``submit`` for a caller on an event loop: the loop serves other calls meanwhile."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Outcome] = loop.create_future()
+        pending = self._enqueue(cmd, (loop, waiter))
+        return self._settled(pending, await waiter)
+
+    def _enqueue(self, cmd: Command, waiter: Waiter | None = None) -> _Pending:
         if self._thread is None:
             raise Unavailable("shutting_down", "the agent is not accepting requests")
-        pending = _Pending(cmd)
+        pending = _Pending(cmd, waiter=waiter)
+        # Running from here on: a caller that gives up (a cancelled call) cannot cancel it, the
+        # request is applied or refused all the same and the writer can always answer it.
+        pending.future.set_running_or_notify_cancel()
         self._queue.put(pending)
-        outcome = pending.future.result(timeout)
+        return pending
+
+    @staticmethod
+    def _settled(pending: _Pending, outcome: Outcome) -> Outcome:
         if pending.changed is not None:
-            # Logged here, on the caller's thread: a line per request written by the writer
+            # Logged by the caller, not the writer: a line per request written by the writer
             # thread would hold up every other request of the group (and the next group).
-            _log_accepted(cmd, pending.changed, outcome.state_version)
+            _log_accepted(pending.cmd, pending.changed, outcome.state_version)
         return outcome
 
     def snapshot(self) -> tuple[list[Entry], int]:
@@ -399,10 +482,6 @@ class Engine:
             oldest = self._history[0].state_version if self._history else current + 1
             complete = version == 0 or version >= current or version + 1 >= oldest
             return complete, [e for e in self._history if e.state_version > version]
-
-    def wait_for_change(self, version: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.view.state_version > version, timeout)
 
     # --- the writer --------------------------------------------------------------------------
 
@@ -425,7 +504,8 @@ class Engine:
                     continue
                 if group:
                     self._expire()
-                    self._process(group)
+                    self._process(group)  # answers every request of the group
+                    _hand_over(group)
                     group = []
                 if isinstance(item, _Task):
                     self._run_task(item)
@@ -556,14 +636,17 @@ class Engine:
                 + tuple(IntentChange("remove", to_stored(e)) for e in removals),
             )
         )
-        # The kernel transaction runs on its own thread (libnftables gives up the GIL) while
-        # this one writes the rows; COMMIT waits for the kernel's answer, so the order stays
-        # intent -> kernel -> commit, and a refused transaction rolls the rows back.
-        applying: Future[object] = self._kernel.submit(
-            self.table.apply,
-            [element_for(e, now) for e in upserts],
-            [e.key for e in removals],
-            present=refreshed | {e.key for e in removals},
+        # A big group's kernel transaction runs on its own thread (libnftables gives up the
+        # GIL) while this one writes the rows; COMMIT waits for the kernel's answer, so the
+        # order stays intent -> kernel -> commit, and a refused transaction rolls the rows back.
+        applying = self._start(
+            len(upserts) + len(removals) >= OVERLAP_BATCH,
+            functools.partial(
+                self.table.apply,
+                [element_for(e, now) for e in upserts],
+                [e.key for e in removals],
+                present=refreshed | {e.key for e in removals},
+            ),
         )
         try:
             erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
@@ -597,8 +680,7 @@ class Engine:
                 self._forget_history(erasure)
         for e in upserts:
             heapq.heappush(self._deadlines, e.expires_at_ms)
-        with self._changed:
-            self._changed.notify_all()
+        self._announce()
         for p, d, o in accepted:
             p.changed = (*d.upserts, *d.removals)
             answer = (
@@ -608,6 +690,17 @@ class Engine:
         if removals:
             # After answering: the sets already drop the source's original-direction packets.
             self.cut_flows(e.key.address for e in removals)
+
+    def _start(self, beside: bool, transaction: Callable[[], object]) -> Future[object]:
+        """The kernel transaction, on the kernel thread (``beside``) or here and now."""
+        if beside:
+            return self._kernel.submit(transaction)
+        done: Future[object] = Future()
+        try:
+            done.set_result(transaction())
+        except Exception as exc:  # noqa: BLE001  # handed over as the thread's would be
+            done.set_exception(exc)
+        return done
 
     def _batch(
         self,
@@ -807,5 +900,4 @@ class Engine:
             self.view = final
             self._history.extend(events)
         self.expiries += len(decision.events)
-        with self._changed:
-            self._changed.notify_all()
+        self._announce()

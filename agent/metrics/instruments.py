@@ -7,9 +7,11 @@ status through untouched, and the kernel observer only records what ``NftAdapter
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -92,27 +94,32 @@ class RequestMetrics:
             self.auth_failures.labels(reason_word(details)).inc()
 
 
-def _outcome(context: grpc.ServicerContext, raised: bool) -> tuple[grpc.StatusCode, Any]:
-    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]
-    details = context.details()  # type: ignore[attr-defined]
+def _outcome(
+    context: grpc.aio.ServicerContext[Any, Any], raised: bool
+) -> tuple[grpc.StatusCode, Any]:
+    code: grpc.StatusCode | None = context.code()
+    details = context.details()
     if code is None:
         code = grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK
     return code, details
 
 
-class RequestInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+Behaviour = Callable[[Any, Any], Any]
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Times and counts every call of a registered method; unknown methods are not counted."""
 
     def __init__(self, metrics: RequestMetrics, clock: Callable[[], float] = time.monotonic):
         self.metrics = metrics
         self.clock = clock
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         rpc = rpc_name(handler_call_details.method)
@@ -138,12 +145,12 @@ class RequestInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             )
         return handler  # pragma: no cover  # grpc always sets one behaviour
 
-    def _unary(self, rpc: str, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
+    def _unary(self, rpc: str, behaviour: Behaviour) -> Behaviour:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = self.clock()
             raised = True
             try:
-                response = behaviour(request, context)
+                response = await behaviour(request, context)
                 raised = False
                 return response
             finally:
@@ -152,25 +159,44 @@ class RequestInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
         return call
 
-    def _stream(
-        self, rpc: str, behaviour: Callable[[Any, Any], Iterator[Any]]
-    ) -> Callable[[Any, Any], Iterator[Any]]:
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def _stream(self, rpc: str, behaviour: Behaviour) -> Behaviour:
+        # A streaming handler is an async generator, or a coroutine that writes with
+        # ``context.write`` (the health service's Watch): the wrapper keeps its kind.
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                ended = "raised"
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                    ended = "returned"
+                except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                    ended = "cancelled"
+                    raise
+                finally:
+                    self._ended(rpc, context, ended)
+
+            return stream
+
+        async def write(request: Any, context: Any) -> None:
             ended = "raised"
             try:
-                yield from behaviour(request, context)
+                await behaviour(request, context)
                 ended = "returned"
-            except GeneratorExit:  # grpc closes the stream when the client went away
+            except asyncio.CancelledError:
                 ended = "cancelled"
                 raise
             finally:
-                if ended == "cancelled":
-                    code, details = grpc.StatusCode.CANCELLED, None
-                else:
-                    code, details = _outcome(context, ended == "raised")
-                self.metrics.record(rpc, code, details, None)
+                self._ended(rpc, context, ended)
 
-        return call
+        return write
+
+    def _ended(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any], ended: str) -> None:
+        if ended == "cancelled":
+            code, details = grpc.StatusCode.CANCELLED, None
+        else:
+            code, details = _outcome(context, ended == "raised")
+        self.metrics.record(rpc, code, details, None)
 
 
 class KernelMetrics:

@@ -8,9 +8,9 @@ servicer, the health service included, calls ``CallerPolicy.identify`` first.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
-import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -35,13 +35,19 @@ def certificate_identities(pem: bytes) -> tuple[str, ...]:
     return tuple(names)
 
 
+class PeerContext(Protocol):
+    """The part of a gRPC servicer context (plain or asyncio) that names the TLS peer."""
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
+
+
 class CallerPolicy:
     """Which verified client identities may call; replaced whole on reload."""
 
     def __init__(self, allowed: Iterable[str]) -> None:
         self.allowed = frozenset(allowed)
 
-    def identify(self, context: grpc.ServicerContext) -> str:
+    def identify(self, context: PeerContext) -> str:
         """The caller's identity, or ``PermissionDenied`` when it is not allowed."""
         auth = context.auth_context()
         pems = [bytes(p) for p in auth.get("x509_pem_cert", ()) if isinstance(p, bytes)]

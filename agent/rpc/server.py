@@ -8,15 +8,16 @@ while the listener and established connections stay up. gRPC core negotiates TLS
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,10 +25,11 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
-from agent.rpc.service import FirewallAgentService, add_to_server
+from agent.rpc.service import Context, FirewallAgentService, add_to_server
 from agent.rpc.status import abort
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["FirewallAgent"].full_name
 
@@ -58,49 +60,65 @@ class TlsMaterial:
         )
 
 
-class GuardedHealth(health.HealthServicer):
+class GuardedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # no stubs for grpc_health's asyncio servicer
     """Standard health service behind the same caller check as the agent's own RPCs."""
 
     def __init__(self, service: FirewallAgentService) -> None:
         super().__init__()
         self._service = service
 
-    def _identify(self, context: grpc.ServicerContext) -> None:
+    async def _identify(self, context: Context) -> None:
         try:
             self._service.settings.callers.identify(context)
         except AgentError as exc:
-            abort(context, exc)
+            await abort(context, exc)
 
-    def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> health_pb2.HealthCheckResponse:
-        self._identify(context)
-        return super().Check(request, context)
+        await self._identify(context)
+        return await super().Check(request, context)
 
-    def Watch(
-        self,
-        request: health_pb2.HealthCheckRequest,
-        context: grpc.ServicerContext,
-        send_response_callback: Callable[..., Any] | None = None,
-    ) -> Iterator[health_pb2.HealthCheckResponse]:
-        self._identify(context)
-        return super().Watch(request, context, send_response_callback)  # type: ignore[no-any-return]
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        await self._identify(context)
+        await super().Watch(request, context)
 
 
 class AgentServer:
+    """grpcio's asyncio server on an event loop of its own thread (``grpc``).
+
+    Handlers are coroutines: a call waiting for the engine's writer holds no thread, and the
+    loop goes on reading, verifying and answering other calls meanwhile. The daemon's thread
+    drives it through ``start``, ``reload`` and ``stop``, which are plain blocking calls.
+    """
+
     def __init__(
         self,
         cfg: AgentConfig,
         service: FirewallAgentService,
         *,
-        interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     ) -> None:
         self.service = service
         self._material = TlsMaterial.load(cfg)
         self._fresh: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._on_loop(self._build(cfg, interceptors))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _build(
+        self, cfg: AgentConfig, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]]
+    ) -> int:
+        self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.api.max_message_bytes + SLACK),
                 ("grpc.max_send_message_length", cfg.api.max_message_bytes),
@@ -109,9 +127,10 @@ class AgentServer:
             maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs,
             interceptors=list(interceptors),  # observers only (metrics); they never change a call
         )
+        self.service.bind(asyncio.get_running_loop())
         # Signed RPCs decode malformed and over-size envelopes too, answering with reason words.
-        add_to_server(service, self._server, cfg.api.max_message_bytes)
-        self.health = GuardedHealth(service)
+        add_to_server(self.service, self._server, cfg.api.max_message_bytes)
+        self.health = GuardedHealth(self.service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if cfg.api.reflection:
             reflection.enable_server_reflection(
@@ -122,9 +141,13 @@ class AgentServer:
             self._fetch,  # type: ignore[arg-type]  # grpc documents None as "no change"
             require_client_authentication=True,
         )
-        self.port = self._server.add_secure_port(cfg.api.listen, creds)
-        if self.port == 0:
+        try:
+            port = self._server.add_secure_port(cfg.api.listen, creds)
+        except RuntimeError:
+            port = 0
+        if port == 0:
             raise ConfigError("api.listen", f"cannot listen on {cfg.api.listen}")
+        return port
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC core on each new handshake: None keeps the current material.
@@ -133,9 +156,12 @@ class AgentServer:
         return fresh
 
     def start(self) -> None:
-        self._server.start()
+        self._on_loop(self._start())
+
+    async def _start(self) -> None:
+        await self._server.start()
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def reload(self, cfg: AgentConfig) -> None:
         """Re-read certificate, key and client CA for new handshakes; raise if unreadable."""
@@ -147,7 +173,19 @@ class AgentServer:
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace`` seconds."""
+        if self._loop.is_closed():
+            return
+        self._on_loop(self._stop(grace))
+        self._close_loop()
+
+    async def _stop(self, grace: float) -> None:
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.service.stopping.set()
-        self._server.stop(grace).wait()
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.stop()
+        await self._server.stop(grace)
+        self.service.close()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()

@@ -7,11 +7,13 @@ messages. It changes nothing itself (the engine does) and maps errors to codes o
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -90,7 +92,37 @@ class Health:
     drift_repairs: int = 0
 
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRpc(Generic[SignedRequestT]):
+    """A signed RPC: its name, the request its envelope carries, the command it becomes."""
+
+    name: str
+    message_type: type[SignedRequestT]
+    build: Callable[[SignedRequestT, RequestMeta, AgentConfig], Command]
+
+
+ALLOW = SignedRpc("Allow", agent_pb2.AllowRequest, convert.allow_command)
+REVOKE = SignedRpc("Revoke", agent_pb2.RevokeRequest, convert.revoke_command)
+SYNC = SignedRpc("Sync", agent_pb2.SyncRequest, convert.sync_command)
+ERASE = SignedRpc("Erase", agent_pb2.EraseRequest, convert.erase_command)
+# Requests and answers up to this size are handled on the event loop itself; bigger ones (a
+# Sync of thousands of entries: verification, parsing and validation take a second at 100,000)
+# on a worker thread, so one big call never stalls every other call.
+INLINE_PAYLOAD_BYTES = 64 * 1024
+INLINE_RESULTS = 256
+
+
 class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
+    """The agent's RPCs as coroutines on the listener's event loop (``agent.rpc.server``).
+
+    A signed request is checked on the loop (small ones) or a worker thread (big ones), then
+    waits for the engine's writer without holding a thread: 64 concurrent callers cost 64
+    suspended coroutines, not 64 threads taking turns with the GIL.
+    """
+
     def __init__(
         self,
         engine: Engine,
@@ -98,165 +130,181 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         *,
         health: Callable[[], Health] = Health,
         clock: Callable[[], float] = time.time,
-        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.health = health
         self.clock = clock
-        self.observe = observe
         self.started_at_ms = int(clock() * 1000)
-        self.stopping = threading.Event()
+        self.stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()  # replaced after each change: set means "look again"
+        self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-big")
+        engine.add_listener(self._engine_changed)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the handlers run on (the listener's); engine changes wake it."""
+        self._loop = loop
 
     def reload(self, settings: Settings) -> None:
         self.settings = settings  # one reference swap: a call sees the old or the new, whole
 
+    def stop(self) -> None:
+        """Loop thread: end the event streams (their callers resume from their last version)."""
+        self.stopping = True
+        self._wake_watchers()
+
+    def close(self) -> None:
+        """Once no call is left: the worker threads go."""
+        self._workers.shutdown(wait=False)
+
+    def _engine_changed(self) -> None:
+        # The writer thread: hand over to the loop, never wait on it.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_watchers)
+
+    def _wake_watchers(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
+
     # --- signed RPCs -------------------------------------------------------------------------
 
-    def _signed(
-        self,
-        rpc: str,
-        envelope: Envelope,
-        context: grpc.ServicerContext,
-        message_type: type[SignedRequestT],
-        build: Callable[[SignedRequestT, RequestMeta, AgentConfig], Command],
+    async def _signed(
+        self, rpc: SignedRpc[Any], envelope: Envelope, context: Context
     ) -> agent_pb2.ApplyResult:
-        started = time.monotonic()
-        code = "OK"
         try:
             s = self.settings
             caller = s.callers.identify(context)
-            if isinstance(envelope, Oversized):
-                raise ResourceExhausted(
-                    "request_too_large", f"{envelope.size} bytes, at most {envelope.limit}"
-                )
-            if isinstance(envelope, Undecodable):
-                raise Unauthenticated(
-                    "malformed_envelope", f"{envelope.size} bytes that are not a SignedEnvelope"
-                )
-            opened: OpenedRequest[SignedRequestT] = open_envelope(
-                envelope, message_type, s.trust, int(self.clock() * 1000)
+            check = functools.partial(self._checked, rpc, envelope, caller, s)
+            big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
+                len(envelope.payload) > INLINE_PAYLOAD_BYTES
             )
-            meta = RequestMeta(
-                request_id=opened.header.request_id,
-                rpc=rpc,
-                issued_at_ms=opened.header.issued_at_ms,
-                expires_at_ms=opened.header.expires_at_ms,
-                payload_digest=opened.payload_sha256,
-                caller=caller,
-                keyid=opened.keyid,
-            )
-            try:
-                cmd = build(opened.message, meta, s.config)
-            except AgentError:
-                # PROTOCOL.md checks replay before field validation: a request accepted once
-                # gets its original answer even if it would not validate now. Only a refused
-                # one needs the lookup here; the writer checks every valid one in its group,
-                # which spares each call a read on the way in.
-                replay = self.engine.replayed(meta)
-                if replay is None:
-                    raise
-                return _result(replay)
-            return _result(self.engine.submit(cmd))
+            checked = await self._off_loop(check) if big else check()
+            if isinstance(checked, Outcome):
+                outcome = checked
+            else:
+                outcome = await self.engine.submit_async(checked)
+            if len(outcome.results) > INLINE_RESULTS:
+                return await self._off_loop(functools.partial(_result, outcome))
+            return _result(outcome)
         except AgentError as exc:
-            code = exc.kind.name
-            abort(context, exc)
-        finally:
-            if self.observe:
-                self.observe(rpc, code, time.monotonic() - started)
+            await abort(context, exc)
 
-    def Allow(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
-        return self._signed(
-            "Allow", request, context, agent_pb2.AllowRequest, convert.allow_command
+    def _checked(
+        self, rpc: SignedRpc[SignedRequestT], envelope: Envelope, caller: str, s: Settings
+    ) -> Command | Outcome:
+        """The request's command, or the original outcome of a replay it turned out to be."""
+        if isinstance(envelope, Oversized):
+            raise ResourceExhausted(
+                "request_too_large", f"{envelope.size} bytes, at most {envelope.limit}"
+            )
+        if isinstance(envelope, Undecodable):
+            raise Unauthenticated(
+                "malformed_envelope", f"{envelope.size} bytes that are not a SignedEnvelope"
+            )
+        opened: OpenedRequest[SignedRequestT] = open_envelope(
+            envelope, rpc.message_type, s.trust, int(self.clock() * 1000)
         )
-
-    def Revoke(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
-        return self._signed(
-            "Revoke", request, context, agent_pb2.RevokeRequest, convert.revoke_command
+        meta = RequestMeta(
+            request_id=opened.header.request_id,
+            rpc=rpc.name,
+            issued_at_ms=opened.header.issued_at_ms,
+            expires_at_ms=opened.header.expires_at_ms,
+            payload_digest=opened.payload_sha256,
+            caller=caller,
+            keyid=opened.keyid,
         )
+        try:
+            return rpc.build(opened.message, meta, s.config)
+        except AgentError:
+            # PROTOCOL.md checks replay before field validation: a request accepted once gets
+            # its original answer even if it would not validate now. Only a refused one needs
+            # the lookup here; the writer checks every valid one in its group, which spares
+            # each call a read on the way in.
+            replay = self.engine.replayed(meta)
+            if replay is None:
+                raise
+            return replay
 
-    def Sync(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
-        return self._signed("Sync", request, context, agent_pb2.SyncRequest, convert.sync_command)
+    async def Allow(self, request: Envelope, context: Context) -> agent_pb2.ApplyResult:
+        return await self._signed(ALLOW, request, context)
 
-    def Erase(self, request: Envelope, context: grpc.ServicerContext) -> agent_pb2.ApplyResult:
-        return self._signed(
-            "Erase", request, context, agent_pb2.EraseRequest, convert.erase_command
-        )
+    async def Revoke(self, request: Envelope, context: Context) -> agent_pb2.ApplyResult:
+        return await self._signed(REVOKE, request, context)
+
+    async def Sync(self, request: Envelope, context: Context) -> agent_pb2.ApplyResult:
+        return await self._signed(SYNC, request, context)
+
+    async def Erase(self, request: Envelope, context: Context) -> agent_pb2.ApplyResult:
+        return await self._signed(ERASE, request, context)
 
     # --- unsigned RPCs (mTLS only) -----------------------------------------------------------
 
-    def GetState(
-        self, request: agent_pb2.GetStateRequest, context: grpc.ServicerContext
+    async def GetState(
+        self, request: agent_pb2.GetStateRequest, context: Context
     ) -> agent_pb2.AgentState:
-        started = time.monotonic()
-        code = "OK"
         try:
             s = self.settings
             s.callers.identify(context)
-            entries, version = self.engine.snapshot()
-            h = self.health()
-            return agent_pb2.AgentState(
-                agent_id=s.config.agent_id,
-                version=__version__,
-                started_at_unix_ms=self.started_at_ms,
-                now_unix_ms=int(self.clock() * 1000),
-                state_version=version,
-                entries=[convert.entry_message(e) for e in sorted(entries, key=lambda e: e.key)],
-                ruleset_in_sync=h.in_sync,
-                last_verified_at_unix_ms=h.last_verified_at_ms,
-                drift_repairs=h.drift_repairs,
-                trusted_keyids=sorted(s.trust.trusted_keys),
-                profiles=list(s.config.profile_names),
-            )
         except AgentError as exc:
-            code = exc.kind.name
-            abort(context, exc)
-        finally:
-            if self.observe:
-                self.observe("GetState", code, time.monotonic() - started)
+            await abort(context, exc)
+        # 100,000 entries take a while to turn into messages: not on the loop.
+        return await self._off_loop(functools.partial(self._state, s))
 
-    def WatchEvents(
-        self, request: agent_pb2.WatchEventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[agent_pb2.AgentEvent]:
+    def _state(self, s: Settings) -> agent_pb2.AgentState:
+        entries, version = self.engine.snapshot()
+        h = self.health()
+        return agent_pb2.AgentState(
+            agent_id=s.config.agent_id,
+            version=__version__,
+            started_at_unix_ms=self.started_at_ms,
+            now_unix_ms=int(self.clock() * 1000),
+            state_version=version,
+            entries=[convert.entry_message(e) for e in sorted(entries, key=lambda e: e.key)],
+            ruleset_in_sync=h.in_sync,
+            last_verified_at_unix_ms=h.last_verified_at_ms,
+            drift_repairs=h.drift_repairs,
+            trusted_keyids=sorted(s.trust.trusted_keys),
+            profiles=list(s.config.profile_names),
+        )
+
+    async def WatchEvents(
+        self, request: agent_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.AgentEvent]:
         try:
             self.settings.callers.identify(context)
         except AgentError as exc:
-            abort(context, exc)
+            await abort(context, exc)
         since = request.since_state_version
         complete, events = self.engine.events_after(since)
         if not complete:
-            yield convert.event_message(
-                Event(
-                    EventKind.RESYNC_REQUIRED,
-                    int(self.clock() * 1000),
-                    None,
-                    f"history does not reach back to {since}; call GetState",
-                    since,
-                )
-            )
+            yield self._resync(since, f"history does not reach back to {since}; call GetState")
         while True:
             for e in events:
                 yield convert.event_message(e)
                 since = max(since, e.state_version)
-            while not self.engine.wait_for_change(since, 0.5):
-                if self.stopping.is_set() or not context.is_active():
-                    return
-            if self.stopping.is_set():
+            # No await between the check and the wait: a change announced meanwhile reaches
+            # the loop after this coroutine is waiting on the event it sets.
+            while self.engine.state_version <= since and not self.stopping:
+                await self._changed.wait()
+            if self.stopping:
                 return
             complete, events = self.engine.events_after(since)
             if not complete:
-                yield convert.event_message(
-                    Event(
-                        EventKind.RESYNC_REQUIRED,
-                        int(self.clock() * 1000),
-                        None,
-                        "this watcher fell behind the retained history; call GetState",
-                        since,
-                    )
+                yield self._resync(
+                    since, "this watcher fell behind the retained history; call GetState"
                 )
 
+    def _resync(self, since: int, why: str) -> agent_pb2.AgentEvent:
+        now = int(self.clock() * 1000)
+        return convert.event_message(Event(EventKind.RESYNC_REQUIRED, now, None, why, since))
 
-def add_to_server(service: FirewallAgentService, server: grpc.Server, max_bytes: int) -> None:
+
+def add_to_server(service: FirewallAgentService, server: grpc.aio.Server, max_bytes: int) -> None:
     """Register ``service`` like the generated ``add_FirewallAgentServicer_to_server``, but with
     ``envelope_decoder(max_bytes)`` as the signed RPCs' request decoder."""
     apply = agent_pb2.ApplyResult.SerializeToString

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -24,7 +24,7 @@ def code_for(exc: AgentError) -> grpc.StatusCode:
     return CODES[exc.kind]
 
 
-def abort(context: grpc.ServicerContext, exc: AgentError) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: AgentError) -> NoReturn:
     """End the call with the status of ``exc``; the message starts with its reason word."""
-    context.abort(code_for(exc), exc.message)
+    await context.abort(code_for(exc), exc.message)
     raise AssertionError("context.abort returned")  # pragma: no cover

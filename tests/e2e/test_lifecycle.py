@@ -16,12 +16,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from e2ekit import RawCaller
 from lifecycle_kit import KIND, Watcher, allow_set_addresses, kernel_entries
 from netlab import Lab, Netns, wait_until
 
 from agent.devlab import DevAgent, TcpRelay, scratch_netns
 from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
+from agent.rpc.pb import agent_pb2
 
 SIP = 5060
 # Never set: waiting on it paces a sender, it never stands in for an event.
@@ -113,6 +116,20 @@ def test_a_clean_restart_of_an_unchanged_ruleset_adopts_it_without_listing(
     assert _starts_logged(agent, UNCHANGED) == 1
     assert kernel_entries(lab.srv, agent.table) == before
     assert {e.address for e in client.state().entries} == {"198.18.6.1", "198.18.6.2"}
+
+
+def test_sigterm_ends_open_event_streams_at_once_and_cleanly(
+    agent: DevAgent, client: AgentClient, raw: RawCaller
+) -> None:
+    client.allow([Entry("198.18.6.3", 600, "alice")])
+    stream = raw.stub.WatchEvents(agent_pb2.WatchEventsRequest(), timeout=60)
+    assert next(stream).kind == KIND.ADDED  # the stream is open and was served
+
+    assert agent.stop() == 0
+
+    # Ended by the daemon with OK, not cut off (CANCELLED, UNAVAILABLE) when the grace ran out.
+    assert list(stream) == []
+    assert stream.code() == grpc.StatusCode.OK
 
 
 def test_a_change_while_stopped_is_converged_at_the_next_start(

@@ -6,13 +6,14 @@ over real HTTP and HTTPS on loopback. The real daemon's scrape is in tests/e2e/t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import errno
 import ssl
 import subprocess
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -334,20 +335,25 @@ def test_build_info_is_one_with_the_versions_as_labels() -> None:
 
 
 class StandInContext:
-    """The part of ``grpc.ServicerContext`` the interceptor reads, with grpc's own abort."""
+    """The part of ``grpc.aio.ServicerContext`` the interceptor reads, with an abort that
+    raises as grpc's does."""
 
     def __init__(self) -> None:
         self._code: grpc.StatusCode | None = None
-        self._details: bytes | None = None
+        self._details: str | None = None
+        self.written: list[Any] = []
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details.encode()
-        raise Exception()  # what grpc's abort raises
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+        raise grpc.aio.AbortError()
+
+    async def write(self, message: Any) -> None:
+        self.written.append(message)
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
-    def details(self) -> bytes | None:
+    def details(self) -> str | None:
         return self._details
 
 
@@ -366,19 +372,19 @@ class Clock:
         return self.now
 
 
-def ok(request: Any, context: StandInContext) -> str:
+async def ok(request: Any, context: StandInContext) -> str:
     return "answer"
 
 
-def refuse(code: grpc.StatusCode, details: str) -> Callable[[Any, StandInContext], str]:
-    def behaviour(request: Any, context: StandInContext) -> str:
-        context.abort(code, details)
+def refuse(code: grpc.StatusCode, details: str) -> Callable[[Any, StandInContext], Any]:
+    async def behaviour(request: Any, context: StandInContext) -> str:
+        await context.abort(code, details)
         return "unreachable"
 
     return behaviour
 
 
-def crash(request: Any, context: StandInContext) -> str:
+async def crash(request: Any, context: StandInContext) -> str:
     raise RuntimeError("bug")
 
 
@@ -391,9 +397,17 @@ def intercepted(
     reg = CollectorRegistry(auto_describe=False)
     interceptor = RequestInterceptor(RequestMetrics(reg), clock=Clock(0.25))
     make = grpc.unary_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
-    handler = interceptor.intercept_service(lambda d: make(behaviour), CallDetails(method))
+
+    async def continuation(details: Any) -> Any:
+        return make(behaviour)
+
+    handler = asyncio.run(interceptor.intercept_service(continuation, CallDetails(method)))
     wrapped = handler.unary_stream if stream else handler.unary_unary
     return wrapped, reg
+
+
+def answer(call: Callable[[Any, Any], Any], context: StandInContext | None = None) -> Any:
+    return asyncio.run(call("request", context or StandInContext()))
 
 
 @pytest.mark.parametrize(
@@ -411,7 +425,7 @@ def test_requests_are_counted_by_rpc_and_code_and_timed(
     call, reg = intercepted(behaviour, AGENT + "Allow")
 
     with contextlib.suppress(Exception):  # the behaviour's own exception passes through
-        call("request", StandInContext())
+        answer(call)
 
     assert sample(reg, "vicifast_agent_requests_total", rpc="Allow", code=code) == 1
     assert sample(reg, "vicifast_agent_request_duration_seconds_count", rpc="Allow") == 1
@@ -422,9 +436,9 @@ def test_the_interceptor_passes_answers_and_errors_through_untouched() -> None:
     answered, _ = intercepted(ok, AGENT + "GetState")
     crashed, _ = intercepted(crash, AGENT + "GetState")
 
-    assert answered("request", StandInContext()) == "answer"
+    assert answer(answered) == "answer"
     with pytest.raises(RuntimeError):
-        crashed("request", StandInContext())
+        answer(crashed)
 
 
 @pytest.mark.parametrize(
@@ -442,8 +456,8 @@ def test_auth_failures_are_counted_by_reason_word(
 ) -> None:
     call, reg = intercepted(refuse(code, details), AGENT + "Revoke")
 
-    with pytest.raises(Exception):  # noqa: B017, PT011  # grpc's abort raises a bare Exception
-        call("request", StandInContext())
+    with pytest.raises(grpc.aio.AbortError):
+        answer(call)
 
     assert sample(reg, "vicifast_agent_auth_failures_total", reason=reason) == 1
 
@@ -451,45 +465,68 @@ def test_auth_failures_are_counted_by_reason_word(
 def test_other_refusals_are_not_auth_failures() -> None:
     call, reg = intercepted(refuse(grpc.StatusCode.FAILED_PRECONDITION, "stale: x"), AGENT + "Sync")
 
-    with pytest.raises(Exception):  # noqa: B017, PT011
-        call("request", StandInContext())
+    with pytest.raises(grpc.aio.AbortError):
+        answer(call)
 
     text = prometheus_client.generate_latest(reg).decode()
     assert "vicifast_agent_auth_failures_total{" not in text
 
 
+async def events(request: Any, context: StandInContext) -> AsyncIterator[int]:
+    for n in (1, 2, 3):
+        yield n
+
+
 def test_a_stream_is_counted_when_it_ends_and_not_timed() -> None:
-    def events(request: Any, context: StandInContext) -> Iterator[int]:
-        yield from (1, 2, 3)
-
     call, reg = intercepted(events, AGENT + "WatchEvents", stream=True)
-    stream = call("request", StandInContext())
-    assert sample(reg, "vicifast_agent_requests_total", rpc="WatchEvents", code="OK") is None
 
-    assert list(stream) == [1, 2, 3]
+    async def consume() -> list[int]:
+        stream = call("request", StandInContext())
+        first = [await anext(stream)]
+        # Not yet ended: not yet counted.
+        assert sample(reg, "vicifast_agent_requests_total", rpc="WatchEvents", code="OK") is None
+        return first + [n async for n in stream]
+
+    assert asyncio.run(consume()) == [1, 2, 3]
 
     assert sample(reg, "vicifast_agent_requests_total", rpc="WatchEvents", code="OK") == 1
     assert sample(reg, "vicifast_agent_request_duration_seconds_count", rpc="WatchEvents") is None
 
 
 def test_a_stream_the_client_left_is_counted_as_cancelled() -> None:
-    def events(request: Any, context: StandInContext) -> Iterator[int]:
-        yield from (1, 2, 3)
-
     call, reg = intercepted(events, AGENT + "WatchEvents", stream=True)
-    stream = call("request", StandInContext())
-    next(stream)
 
-    stream.close()
+    async def leave_after_one() -> None:
+        stream = call("request", StandInContext())
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(leave_after_one())
 
     assert sample(reg, "vicifast_agent_requests_total", rpc="WatchEvents", code="CANCELLED") == 1
+
+
+def test_a_stream_written_through_the_context_keeps_its_kind_and_is_counted() -> None:
+    async def watch(request: Any, context: StandInContext) -> None:
+        await context.write("SERVING")  # how grpc's asyncio health service streams
+
+    call, reg = intercepted(watch, "/grpc.health.v1.Health/Watch", stream=True)
+    context = StandInContext()
+
+    assert answer(call, context) is None
+
+    assert context.written == ["SERVING"]
+    assert sample(reg, "vicifast_agent_requests_total", rpc="Health.Watch", code="OK") == 1
 
 
 def test_unknown_methods_are_left_to_grpc_and_not_counted() -> None:
     reg = CollectorRegistry(auto_describe=False)
     interceptor = RequestInterceptor(RequestMetrics(reg))
 
-    assert interceptor.intercept_service(lambda d: None, CallDetails("/x.Y/Z")) is None
+    async def continuation(details: Any) -> None:
+        return None
+
+    assert asyncio.run(interceptor.intercept_service(continuation, CallDetails("/x.Y/Z"))) is None
 
 
 @pytest.mark.parametrize(
