@@ -112,6 +112,8 @@ class Outcome:
 
 
 Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
+# An event-loop caller's future and the writer's answer to copy into it.
+Answer = tuple["asyncio.Future[Outcome]", "Future[Outcome]"]
 
 
 @dataclass(slots=True)
@@ -127,8 +129,7 @@ class _Pending:
 def _hand_over(group: Iterable[_Pending]) -> None:
     """Pass a group's answers to the event-loop callers among it: one wake-up per loop, not one
     per caller (each would be a write to the loop's pipe and a tug of war for the GIL)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Outcome], Future[Outcome]]]]
-    by_loop = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
     for p in group:
         if p.waiter is None:
             continue
@@ -141,10 +142,7 @@ def _hand_over(group: Iterable[_Pending]) -> None:
         _wake(loop, answers)
 
 
-def _wake(
-    loop: asyncio.AbstractEventLoop,
-    answers: list[tuple[asyncio.Future[Outcome], Future[Outcome]]],
-) -> None:
+def _wake(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
         loop.call_soon_threadsafe(_deliver, answers)
 
@@ -155,7 +153,7 @@ def _wake_one(
     _wake(loop, [(waiter, answered)])
 
 
-def _deliver(answers: list[tuple[asyncio.Future[Outcome], Future[Outcome]]]) -> None:
+def _deliver(answers: list[Answer]) -> None:
     for waiter, answered in answers:
         if waiter.done():  # the call was cancelled meanwhile
             continue
