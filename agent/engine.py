@@ -127,30 +127,17 @@ class _Pending:
 
 
 def _hand_over(group: Iterable[_Pending]) -> None:
-    """Pass a group's answers to the event-loop callers among it: one wake-up per loop, not one
-    per caller (each would be a write to the loop's pipe and a tug of war for the GIL)."""
+    """Pass a group's answers (``Engine._process`` gives every one) to the event-loop callers
+    among it: one wake-up per loop, not one per caller (each would be a write to the loop's
+    pipe and a tug of war for the GIL)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
     for p in group:
-        if p.waiter is None:
-            continue
-        loop, waiter = p.waiter
-        if p.future.done():
+        if p.waiter is not None:
+            loop, waiter = p.waiter
             by_loop.setdefault(loop, []).append((waiter, p.future))
-        else:  # not expected: whenever it is answered, it is handed over on its own
-            p.future.add_done_callback(functools.partial(_wake_one, loop, waiter))
     for loop, answers in by_loop.items():
-        _wake(loop, answers)
-
-
-def _wake(loop: asyncio.AbstractEventLoop, answers: list[Answer]) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-        loop.call_soon_threadsafe(_deliver, answers)
-
-
-def _wake_one(
-    loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[Outcome], answered: Future[Outcome]
-) -> None:
-    _wake(loop, [(waiter, answered)])
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_deliver, answers)
 
 
 def _deliver(answers: list[Answer]) -> None:
@@ -524,6 +511,7 @@ class Engine:
                 return items
 
     def _process(self, group: list[_Pending]) -> None:
+        """Apply ``group``; on return every one of its requests has its answer."""
         try:
             self._apply_group(group)
         except AgentError as exc:
@@ -533,10 +521,7 @@ class Engine:
             # A grouped transaction was refused: apply one by one so only the culprit fails.
             for p in group:
                 if not p.future.done():
-                    try:
-                        self._apply_group([p])
-                    except AgentError as single:
-                        p.future.set_exception(single)
+                    self._process([p])
         except Exception as exc:  # a bug must not kill the writer; answer and log it
             log.exception("engine failure")
             for p in group:
