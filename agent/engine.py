@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
+from agent.gcpause import collector_paused
 from agent.model import Address, Element, EntryKey
 from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
@@ -489,7 +490,8 @@ class Engine:
                     continue
                 if group:
                     self._expire()
-                    self._process(group)  # answers every request of the group
+                    with collector_paused() if self._large(group) else contextlib.nullcontext():
+                        self._process(group)  # answers every request of the group
                     _hand_over(group)
                     group = []
                 if isinstance(item, _Task):
@@ -509,6 +511,16 @@ class Engine:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return items
+
+    def _large(self, group: list[_Pending]) -> bool:
+        """Whether ``group`` may change ``LARGE_BATCH`` entries or more."""
+        named = 0
+        for p in group:
+            cmd = p.cmd
+            if isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and cmd.subject):
+                named += len(self.view.entries)  # may remove any of them
+            named += len(getattr(cmd, "entries", ())) + len(getattr(cmd, "addresses", ()))
+        return named >= LARGE_BATCH
 
     def _process(self, group: list[_Pending]) -> None:
         """Apply ``group``; on return every one of its requests has its answer."""
@@ -619,9 +631,11 @@ class Engine:
                 + tuple(IntentChange("remove", to_stored(e)) for e in removals),
             )
         )
-        # A big group's kernel transaction runs on its own thread (libnftables gives up the
-        # GIL) while this one writes the rows; COMMIT waits for the kernel's answer, so the
-        # order stays intent -> kernel -> commit, and a refused transaction rolls the rows back.
+        # A big group's kernel call runs on its own thread (libnftables gives up the GIL)
+        # while this one writes the rows; COMMIT waits for the kernel's answer, so the order
+        # stays intent -> kernel -> commit, and a refused transaction rolls the rows back. The
+        # batch is planned and encoded here first: Python on both threads at once would only
+        # take turns at the GIL, each turn a switch interval long.
         applying = self._start(
             len(upserts) + len(removals) >= OVERLAP_BATCH,
             functools.partial(

@@ -22,6 +22,7 @@ from agent import __version__
 from agent.config import AgentConfig
 from agent.engine import Engine, Outcome
 from agent.errors import AgentError, ResourceExhausted, Unauthenticated
+from agent.gcpause import collector_paused
 from agent.rpc import convert
 from agent.rpc.auth import CallerPolicy
 from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope
@@ -171,6 +172,11 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
 
+    async def _large(self, fn: Callable[[], T]) -> T:
+        """``fn`` for a large request or answer: off the loop, and without cyclic collections
+        (see ``agent.gcpause``)."""
+        return await self._off_loop(functools.partial(_paused, fn))
+
     # --- signed RPCs -------------------------------------------------------------------------
 
     async def _signed(
@@ -183,13 +189,13 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
                 len(envelope.payload) > INLINE_PAYLOAD_BYTES
             )
-            checked = await self._off_loop(check) if big else check()
+            checked = await self._large(check) if big else check()
             if isinstance(checked, Outcome):
                 outcome = checked
             else:
                 outcome = await self.engine.submit_async(checked)
             if len(outcome.results) > INLINE_RESULTS:
-                return await self._off_loop(functools.partial(_result, outcome))
+                return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
             await abort(context, exc)
@@ -253,7 +259,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         except AgentError as exc:
             await abort(context, exc)
         # 100,000 entries take a while to turn into messages: not on the loop.
-        return await self._off_loop(functools.partial(self._state, s))
+        return await self._large(functools.partial(self._state, s))
 
     def _state(self, s: Settings) -> agent_pb2.AgentState:
         entries, version = self.engine.snapshot()
@@ -330,3 +336,8 @@ def add_to_server(service: FirewallAgentService, server: grpc.aio.Server, max_by
 
 def _result(o: Outcome) -> agent_pb2.ApplyResult:
     return convert.apply_result(o.request_id, o.results, o.state_version, o.erased_records)
+
+
+def _paused(fn: Callable[[], T]) -> T:
+    with collector_paused():
+        return fn()
