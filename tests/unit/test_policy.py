@@ -360,6 +360,13 @@ def test_empty_profile_means_default(name: str, default: str, resolved: str) -> 
     assert resolve_profile(name, PROFILES, default) == resolved
 
 
+def test_a_named_profile_resolves_to_the_configured_string_not_the_requests_copy() -> None:
+    requested = "".join(["ag", "ent"])  # equal to a configured name, but another object
+    resolved = resolve_profile(requested, PROFILES, "admin")
+    assert resolved == requested
+    assert resolved is next(p for p in PROFILES if p == requested)
+
+
 @pytest.mark.parametrize("name", ["nope", "Agent", " agent", "agent ", "agent\x00"])
 def test_unknown_profile_is_refused(name: str) -> None:
     assert refusal(resolve_profile, name, PROFILES, "agent").reason == "unknown_profile"
