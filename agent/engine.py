@@ -639,11 +639,9 @@ class Engine:
                 + tuple(IntentChange("remove", to_stored(e)) for e in removals),
             )
         )
-        # A big group's kernel call runs on its own thread (libnftables gives up the GIL)
-        # while this one writes the rows; COMMIT waits for the kernel's answer, so the order
-        # stays intent -> kernel -> commit, and a refused transaction rolls the rows back. The
-        # batch is planned and encoded here first: Python on both threads at once would only
-        # take turns at the GIL, each turn a switch interval long.
+        # A big group's kernel transaction runs on its own thread (libnftables gives up the
+        # GIL) while this one writes the rows; COMMIT waits for the kernel's answer, so the
+        # order stays intent -> kernel -> commit, and a refused transaction rolls the rows back.
         applying = self._start(
             len(upserts) + len(removals) >= OVERLAP_BATCH,
             functools.partial(

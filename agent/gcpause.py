@@ -3,7 +3,7 @@
 A 100,000-entry Sync makes a few million short- and long-lived objects (messages, entries,
 records, rows) and almost no reference cycles. The collector cannot know that: every few
 thousand allocations it runs, and as the surviving objects pile up it keeps walking all of them
-again, about a quarter of such a Sync's time (measured: 6.1 s -> 4.7 s end to end). Memory is
+again, about a quarter of such a Sync's time (measured: 6.5 s -> 5.1 s end to end). Memory is
 still freed as it always is, by reference counting; only cycles wait until the pause ends, and
 the writer collects once it is idle after a large batch (``Engine._release_memory``).
 
