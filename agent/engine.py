@@ -199,6 +199,12 @@ def to_stored_event(e: Event) -> StoredEvent:
     )
 
 
+def _names_whole_state(cmd: Command) -> bool:
+    """Whether ``cmd`` may change any entry, not only the ones it names (Sync, Erase, a
+    Revoke by subject)."""
+    return isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and bool(cmd.subject))
+
+
 def _log_accepted(cmd: Command, changed: tuple[Entry, ...], state_version: int) -> None:
     meta = cmd.meta
     fields = {"REQUEST_ID": meta.request_id, "CALLER": meta.caller, "RPC": meta.rpc}
@@ -525,7 +531,7 @@ class Engine:
         named = 0
         for p in group:
             cmd = p.cmd
-            if isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and cmd.subject):
+            if _names_whole_state(cmd):
                 named += len(self.view.entries)  # may remove any of them
             named += len(getattr(cmd, "entries", ())) + len(getattr(cmd, "addresses", ()))
         return named >= LARGE_BATCH
@@ -615,7 +621,7 @@ class Engine:
             for addr in getattr(cmd, "addresses", ()):
                 for prof in self.profiles:
                     keys.add((prof, addr.text))
-            if isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and cmd.subject):
+            if _names_whole_state(cmd):
                 keys.update((k.profile, k.address.text) for k in view.entries)
         if keys:
             for (prof, addr), issued in self.store.last_issued_at(keys).items():
