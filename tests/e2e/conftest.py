@@ -6,19 +6,16 @@ loopback relay. Everything is torn down after each test.
 
 ``shared`` is one daemon for a whole module (its own lab), for tables of refusals: a refused
 request changes nothing, and each case asserts exactly that, so the cases cannot interfere.
-``AgentRig`` starts more such daemons with other configurations.
+``AgentRig.running`` (e2ekit) starts more such daemons with other configurations.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from e2ekit import Observed, RawCaller, observe
+from e2ekit import AgentRig, RawCaller
 from netlab import Lab
 
 from agent.devlab import DevAgent, TcpRelay
@@ -71,48 +68,6 @@ def require_kernel(config: pytest.Config) -> None:
     if root.in_ci():
         pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-@dataclass
-class AgentRig:
-    """A started daemon in ``lab.srv`` with a relay and a raw caller."""
-
-    lab: Lab
-    agent: DevAgent
-    relay: TcpRelay
-    raw: RawCaller
-
-    def observe(self) -> Observed:
-        return observe(self.raw, self.lab.srv, self.agent.table)
-
-    def client(self) -> AgentClient:
-        return self.agent.client(self.relay.address)
-
-    def restart(self) -> None:
-        """SIGTERM, start again, and a fresh connection (the old one saw the listener go)."""
-        self.agent.stop()
-        self.agent.start()
-        self.raw.close()
-        self.raw = RawCaller(self.agent, self.relay.address)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def running(lab: Lab, directory: Path, **kw: Any) -> Iterator[AgentRig]:
-        """Start a daemon made by ``DevAgent(**kw)``; ``configure(dev)``, if given, runs first
-        (e.g. to rewrite its config)."""
-        configure = kw.pop("configure", None)
-        with DevAgent(directory, lab.srv.name, **kw) as dev:
-            if configure is not None:
-                configure(dev)
-            dev.start()
-            relay = dev.relay()
-            raw = RawCaller(dev, relay.address)
-            rig = AgentRig(lab, dev, relay, raw)
-            try:
-                yield rig
-            finally:
-                rig.raw.close()
-                relay.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""What the end-to-end tests share: raw signed calls, the reason table, and state+kernel snapshots.
+"""What the end-to-end tests share: raw signed calls, the reason table, state+kernel snapshots,
+and ``AgentRig`` (a started daemon with its relay and raw caller; the fixtures that make them
+are in tests/e2e/conftest.py).
 
 Raw calls go over the real mTLS channel (through the devlab relay) with envelopes the tests build
 by hand, so attacks the project's own client would never produce can be sent. ``Observed`` is
@@ -8,18 +10,21 @@ everything a refused request must leave exactly as it was: the agent's reported 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from netlab import Netns
+from netlab import Lab, Netns
 
 from agent.devlab import DevAgent, TcpRelay
+from agent.rpc.client import AgentClient
 from agent.rpc.envelope import SignedRequest, pae, payload_type_for
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.signing import keyid_for, private_key_from_pem
@@ -321,3 +326,45 @@ def in_test_ranges(text: str) -> bool:
 
 def open_relay(agent: DevAgent) -> TcpRelay:
     return agent.relay()
+
+
+@dataclass
+class AgentRig:
+    """A started daemon in ``lab.srv`` with a relay and a raw caller."""
+
+    lab: Lab
+    agent: DevAgent
+    relay: TcpRelay
+    raw: RawCaller
+
+    def observe(self) -> Observed:
+        return observe(self.raw, self.lab.srv, self.agent.table)
+
+    def client(self) -> AgentClient:
+        return self.agent.client(self.relay.address)
+
+    def restart(self) -> None:
+        """SIGTERM, start again, and a fresh connection (the old one saw the listener go)."""
+        self.agent.stop()
+        self.agent.start()
+        self.raw.close()
+        self.raw = RawCaller(self.agent, self.relay.address)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def running(lab: Lab, directory: Path, **kw: Any) -> Iterator[AgentRig]:
+        """Start a daemon made by ``DevAgent(**kw)``; ``configure(dev)``, if given, runs first
+        (e.g. to rewrite its config)."""
+        configure = kw.pop("configure", None)
+        with DevAgent(directory, lab.srv.name, **kw) as dev:
+            if configure is not None:
+                configure(dev)
+            dev.start()
+            relay = dev.relay()
+            raw = RawCaller(dev, relay.address)
+            rig = AgentRig(lab, dev, relay, raw)
+            try:
+                yield rig
+            finally:
+                rig.raw.close()
+                relay.close()

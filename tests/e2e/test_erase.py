@@ -13,8 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import AgentRig
-from e2ekit import C, RawCaller, allow_entry, signed
+from e2ekit import AgentRig, C, RawCaller, allow_entry, signed
 from netlab import Lab
 
 from agent.rpc.pb import agent_pb2

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import AgentRig
-from e2ekit import REASON_CODES, Answer, C, RawCaller, allow_entry, now_ms
+from e2ekit import REASON_CODES, AgentRig, Answer, C, RawCaller, allow_entry, now_ms
 from netlab import Lab
 
 from agent.devlab import DevAgent
