@@ -39,10 +39,9 @@ from agent.local.wire import (
 from agent.rpc.service import Health
 from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
+from agent.serving import serving_thread
 
 log = logging.getLogger("vicifast-agent.local")
-# serve_forever notices shutdown() only between polls: a stop waits up to this long.
-SERVE_POLL_S = 0.1
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the name
 _UCRED = struct.Struct("3i")
 IDLE_TIMEOUT_S = 60.0
@@ -212,12 +211,7 @@ class LocalServer:
         self._inode = (st.st_dev, st.st_ino)
         server.applied = self._gate.config()
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": SERVE_POLL_S},
-            name="local",
-            daemon=True,
-        )
+        self._thread = serving_thread(server, "local")
         self._thread.start()
         log.info("local socket on %s (mode 0660, group %s)", self.path, gid or 0)
 

@@ -14,7 +14,6 @@ import logging
 import socket
 import socketserver
 import ssl
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from agent.config import MetricsConfig
 from agent.errors import ConfigError
+from agent.serving import serving_thread
 
 log = logging.getLogger(__name__)
-# serve_forever notices shutdown() only between polls: a stop waits up to this long.
-SERVE_POLL_S = 0.1
 CONNECTION_TIMEOUT_S = 10.0
 
 
@@ -132,12 +130,7 @@ class MetricsListener:
         self._server.tls = context
         self._server.set_app(make_wsgi_app(registry))
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": SERVE_POLL_S},
-            name="metrics-http",
-            daemon=True,
-        )
+        self._thread = serving_thread(self._server, "metrics-http")
 
     @property
     def tls(self) -> bool:
