@@ -287,6 +287,25 @@ def expiry_audit(e: Entry, now_ms: int) -> AuditRecord:
     )
 
 
+def settled_audit(e: Event) -> AuditRecord:
+    """The audit row of a change rolled forward at start-up (``reconcile.settled_events``):
+    who asked for it is not known, as an intent does not record the caller."""
+    if e.entry is None:
+        raise ValueError("a settled change names its entry")
+    entry = e.entry
+    return AuditRecord(
+        e.at_ms,
+        e.kind.name.lower(),
+        entry.key.profile,
+        entry.key.address.text,
+        entry.subject,
+        entry.request_id,
+        "",
+        "",
+        e.detail,
+    )
+
+
 def element_for(e: Entry, now_ms: int) -> Element:
     """The kernel element of an entry, with the timeout that remains of it (at least 1 s)."""
     remaining = max(1, -(-(e.expires_at_ms - now_ms) // 1000))

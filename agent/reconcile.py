@@ -26,6 +26,7 @@ from agent.engine import (
     expiry_audit,
     from_stored,
     newest_numbered,
+    settled_audit,
     to_stored,
     to_stored_event,
 )
@@ -163,18 +164,44 @@ def settle_intents(
 class Plan:
     """What one convergence changes, decided from the read-back alone (``plan_convergence``).
 
-    ``upserts``/``removals``: pending intents rolled forward into the store; ``missing``: entries
-    to restore into the kernel; ``unknown``: elements to remove from it; ``result.events``: one
-    per entry that changed, numbered from the view's ``state_version``.
+    ``upserts``/``removals``: pending intents rolled forward into the store, ``settled`` their
+    events; ``missing``: entries to restore into the kernel; ``unknown``: elements to remove from
+    it; ``result.events``: one per entry that changed, numbered from the view's
+    ``state_version``.
     """
 
     view: StateView
     upserts: Mapping[EntryKey, Entry]
     removals: frozenset[EntryKey]
+    settled: tuple[Event, ...]
     expired: tuple[Entry, ...]
     missing: tuple[Entry, ...]
     unknown: tuple[ObservedElement, ...]
     result: Convergence
+
+
+SETTLED = "settled at start: the kernel had this change of an unanswered request"
+
+
+def settled_events(
+    view: StateView, upserts: Mapping[EntryKey, Entry], removals: Collection[EntryKey], now_ms: int
+) -> list[Event]:
+    """Pure: one event per entry that rolling the intents forward changes (unnumbered).
+
+    The change was made before the crash, but it changes the agent's state only now, and
+    every change of the state has its event and version (PROTOCOL.md).
+    """
+    events = [
+        Event(EventKind.REFRESHED if key in view.entries else EventKind.ADDED, now_ms, e, SETTLED)
+        for key, e in upserts.items()
+        if view.entries.get(key) != e
+    ]
+    events += [
+        Event(EventKind.REMOVED, now_ms, view.entries[key], SETTLED)
+        for key in sorted(removals)
+        if key in view.entries
+    ]
+    return events
 
 
 def plan_convergence(
@@ -195,6 +222,7 @@ def plan_convergence(
     """
     final = view.detached()
     ups, rems = settle_intents(final, intents, observed)
+    settled = settled_events(view, ups, rems, now_ms)
     for key in rems:
         final.entries.pop(key, None)
     final.entries.update(ups)
@@ -217,7 +245,7 @@ def plan_convergence(
             if (k.profile, k.address.family) in checked_sets and k not in observed
         )
     unknown = tuple(o for k, o in observed.items() if k not in final.entries)
-    events = numbered(expiry.events, view.state_version)
+    events = numbered([*settled, *expiry.events], view.state_version)
     version = view.state_version + len(events)
     # Made with their versions at once: a reboot restores 100,000 entries.
     events += [
@@ -244,7 +272,16 @@ def plan_convergence(
         structure_repaired=tuple(structure_repaired),
         events=tuple(events),
     )
-    return Plan(final, ups, frozenset(rems), expiry.removals, missing, unknown, result)
+    return Plan(
+        final,
+        ups,
+        frozenset(rems),
+        tuple(events[: len(settled)]),
+        expiry.removals,
+        missing,
+        unknown,
+        result,
+    )
 
 
 def converge(
@@ -292,7 +329,10 @@ def converge(
                 state_version=plan.view.state_version,
                 upserts=tuple(to_stored(e) for e in plan.upserts.values()),
                 removals=tuple((k.profile, k.address.text) for k in gone),
-                audit=tuple(expiry_audit(e, now_ms) for e in plan.expired),
+                audit=(
+                    *map(settled_audit, plan.settled),
+                    *(expiry_audit(e, now_ms) for e in plan.expired),
+                ),
                 events=tuple(map(to_stored_event, kept)),
                 history_floor=history_floor,
             )

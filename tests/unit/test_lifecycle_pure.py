@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
-from agent.engine import entries_from_rows, from_stored, newest_numbered
+from agent.engine import entries_from_rows, from_stored, newest_numbered, settled_audit, to_stored
 from agent.model import Address, EntryKey, ObservedElement
 from agent.reconcile import (
     STARTUP,
@@ -25,7 +25,7 @@ from agent.rules.monitor import NFT_MSG_NEWGEN, Touch, generation_pid, messages,
 from agent.rules.shadowing import find_shadowing
 from agent.rules.structure import expected_structure, observed_structure
 from agent.state import Entry, Event, EventKind, StateView
-from agent.store_records import StoredEntry
+from agent.store_records import IntentChange, PendingIntent, StoredEntry
 
 # --- netlink notifications ----------------------------------------------------------------
 
@@ -425,3 +425,54 @@ def test_entries_loaded_from_rows_share_one_object_per_repeated_value() -> None:
         assert e.created_at_ms is first.created_at_ms
         assert e.expires_at_ms is first.expires_at_ms
     assert [e.subject for e in loaded] == ["s1", "s2", "s3"]
+
+
+# --- intents left by a crash: rolled forward only as far as the kernel shows --------------
+
+
+def test_settled_intents_change_the_state_with_one_event_and_version_each() -> None:
+    bob = Entry(EntryKey("agent", Address("198.18.0.5")), "bob", NOW - 9_000, NOW + 60_000, "r-0")
+    carol = Entry(EntryKey("agent", Address("198.18.0.6")), "carol", NOW, NOW + 60_000, "r-9")
+    lost = Entry(EntryKey("agent", Address("198.18.0.7")), "dave", NOW, NOW + 60_000, "r-9")
+    refreshed_alice = Entry(ALICE.key, "alice", ALICE.created_at_ms, NOW + 900_000, "r-9")
+    view = StateView(entries={ALICE.key: ALICE, bob.key: bob}, state_version=7)
+    intent = PendingIntent(
+        "i-1",
+        NOW - 5,
+        (
+            IntentChange("upsert", to_stored(carol)),  # the kernel has it: added
+            IntentChange("upsert", to_stored(lost)),  # the kernel does not: never happened
+            IntentChange("upsert", to_stored(refreshed_alice)),  # the kernel has it: refreshed
+            IntentChange("remove", to_stored(bob)),  # gone from the kernel: removed
+        ),
+    )
+    kernel = [_seen(carol), _seen(refreshed_alice)]
+    plan = plan_convergence(
+        view, {o.key: o for o in kernel}, checked=ALL_SETS, now_ms=NOW, intents=(intent,)
+    )
+    settled = [(e.kind, e.entry.key.address.text if e.entry else None) for e in plan.settled]
+    assert settled == [
+        (EventKind.ADDED, "198.18.0.6"),
+        (EventKind.REFRESHED, "198.18.0.2"),
+        (EventKind.REMOVED, "198.18.0.5"),
+    ]
+    assert [e.state_version for e in plan.result.events] == [8, 9, 10]
+    assert plan.result.events == plan.settled
+    assert plan.view.state_version == 10
+    assert set(plan.view.entries) == {ALICE.key, carol.key}
+    assert plan.view.entries[ALICE.key] == refreshed_alice
+    assert [settled_audit(e).action for e in plan.settled] == ["added", "refreshed", "removed"]
+    assert {settled_audit(e).caller for e in plan.settled} == {""}  # an intent names no caller
+
+
+def test_an_intent_the_state_already_holds_settles_without_an_event() -> None:
+    intent = PendingIntent("i-2", NOW - 5, (IntentChange("upsert", to_stored(ALICE)),))
+    plan = plan_convergence(
+        StateView(entries={ALICE.key: ALICE}, state_version=3),
+        {ALICE.key: _seen(ALICE)},
+        checked=ALL_SETS,
+        now_ms=NOW,
+        intents=(intent,),
+    )
+    assert plan.settled == ()
+    assert plan.view.state_version == 3
