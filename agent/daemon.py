@@ -58,7 +58,7 @@ EXIT_STORE_UNUSABLE = 78
 # The writer loop counts as alive if it turned within this many seconds (it turns every TICK_S
 # when idle; a request group or a repair holds it for longer).
 WRITER_STALE_S = 2 * TICK_S + 0.5
-JOURNAL_FIELDS = ("REQUEST_ID", "SUBJECT", "ADDRESS", "PROFILE", "REASON")
+JOURNAL_FIELDS = ("REQUEST_ID", "CALLER", "RPC", "REASON")
 
 
 def _notify(message: str) -> None:

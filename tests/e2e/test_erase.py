@@ -117,6 +117,12 @@ def test_erase_leaves_no_trace_of_the_person(rig: AgentRig) -> None:
     assert not leftovers
     for path in db.parent.glob("state.db*"):
         assert ALICE.encode() not in path.read_bytes(), f"{path.name} still holds the subject"
+    # The journal is out of Erase's reach: nothing the agent logs names a person.
+    log = rig.agent.log_path.read_text(errors="replace")
+    assert "Allow " in log
+    assert "Erase " in log  # the requests were logged, by request id
+    named = [name for name in (ALICE, *ALICE_ADDRESSES, BOB, BOB_ADDRESS) if name in log]
+    assert not named, f"the daemon's log names {named}"
     # The other person's records are untouched.
     assert _naming(db, (BOB,))
     assert [(e.address, e.subject) for e in raw.state().entries] == [(BOB_ADDRESS, BOB)]
