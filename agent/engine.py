@@ -121,8 +121,9 @@ Answer = tuple["asyncio.Future[Outcome]", "Future[Outcome]"]
 class _Pending:
     cmd: Command
     future: Future[Outcome] = field(default_factory=Future)
-    # Set by the writer before it answers an applied request: what the waiting caller logs.
-    changed: tuple[Entry, ...] | None = None
+    # Set by the writer before it answers an applied request: how many entries it changed, for
+    # the waiting caller's log line.
+    changed: int | None = None
     # An event-loop caller's future, answered with the rest of its group (see _hand_over).
     waiter: Waiter | None = None
 
@@ -205,7 +206,7 @@ def _names_whole_state(cmd: Command) -> bool:
     return isinstance(cmd, SyncCmd | EraseCmd) or (isinstance(cmd, RevokeCmd) and bool(cmd.subject))
 
 
-def _log_accepted(cmd: Command, changed: tuple[Entry, ...], state_version: int) -> None:
+def _log_accepted(cmd: Command, changed: int, state_version: int) -> None:
     meta = cmd.meta
     # No subject and no address: the journal is kept (and often shipped elsewhere) on the
     # host's terms, out of reach of the audit retention and of Erase. The request id leads to
@@ -215,7 +216,7 @@ def _log_accepted(cmd: Command, changed: tuple[Entry, ...], state_version: int) 
         "%s %s: %d changed, state_version %d",
         meta.rpc,
         meta.request_id,
-        len(changed),
+        changed,
         state_version,
         extra=fields,
     )
@@ -286,23 +287,30 @@ def expiry_audit(e: Entry, now_ms: int) -> AuditRecord:
     )
 
 
+def event_audit(
+    e: Event, entry: Entry, at_ms: int, request_id: str, *, caller: str = "", keyid: str = ""
+) -> AuditRecord:
+    """The audit row of an event that changed ``entry`` (the event's own), on behalf of
+    ``request_id`` (and ``caller`` with ``keyid``, when known)."""
+    return AuditRecord(
+        at_ms,
+        e.kind.name.lower(),
+        entry.key.profile,
+        entry.key.address.text,
+        entry.subject,
+        request_id,
+        caller,
+        keyid,
+        e.detail,
+    )
+
+
 def settled_audit(e: Event) -> AuditRecord:
     """The audit row of a change rolled forward at start-up (``reconcile.settled_events``):
     who asked for it is not known, as an intent does not record the caller."""
     if e.entry is None:
         raise ValueError("a settled change names its entry")
-    entry = e.entry
-    return AuditRecord(
-        e.at_ms,
-        e.kind.name.lower(),
-        entry.key.profile,
-        entry.key.address.text,
-        entry.subject,
-        entry.request_id,
-        "",
-        "",
-        e.detail,
-    )
+    return event_audit(e, e.entry, e.at_ms, e.entry.request_id)
 
 
 def element_for(e: Entry, now_ms: int) -> Element:
@@ -709,7 +717,7 @@ class Engine:
             heapq.heappush(self._deadlines, e.expires_at_ms)
         self._announce()
         for p, d, o in accepted:
-            p.changed = (*d.upserts, *d.removals)
+            p.changed = len(d.upserts) + len(d.removals)
             answer = (
                 Outcome(o.request_id, o.results, o.state_version, erased) if d.erase_subject else o
             )
@@ -878,17 +886,7 @@ class Engine:
                 )
             ]
         return [
-            AuditRecord(
-                now,
-                e.kind.name.lower(),
-                e.entry.key.profile,
-                e.entry.key.address.text,
-                e.entry.subject,
-                meta.request_id,
-                meta.caller,
-                meta.keyid,
-                e.detail,
-            )
+            event_audit(e, e.entry, now, meta.request_id, caller=meta.caller, keyid=meta.keyid)
             for e in d.events
             if e.entry is not None
         ]
