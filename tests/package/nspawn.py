@@ -17,8 +17,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -140,12 +142,17 @@ class Container:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def boot(self, *, timeout: float = 60.0) -> None:
-        """Boot and return once systemd reports the system up (``is-system-running --wait``)."""
+        """Boot and return once the container's systemd says it is up.
+
+        nspawn relays init's READY=1 (``--notify-ready``) to the notify socket it is given, so
+        boot is awaited, not polled; a pidfd tells an nspawn that died on the way.
+        """
         argv = [
             "systemd-nspawn",
             f"--directory={self.root}",
             f"--machine={self.name}",
             "--boot",
+            "--notify-ready=yes",
             # This host's PID 1 is not necessarily systemd: no machined registration and no
             # transient scope; the container lives in this process's cgroup.
             "--register=no",
@@ -156,30 +163,26 @@ class Container:
             "--capability=CAP_NET_ADMIN",
             "--console=pipe",
         ]
-        with self.console_log.open("ab") as log:
+        notify_path = self.scratch / "notify.sock"
+        with contextlib.ExitStack() as stack:
+            notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+            notify.bind(str(notify_path))
+            log = stack.enter_context(self.console_log.open("ab"))
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
             )
-        deadline = time.monotonic() + timeout
-        while self.leader() is None:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"container did not start:\n{self.console_tail()}")
-            time.sleep(0.05)  # polling for a pid nspawn does not announce
-        # Until init has opened its private bus socket, systemctl prints nothing, or "offline"
-        # (it cannot tell init from another manager yet) or "unknown": ask again till the deadline.
-        while (state := self._system_state(deadline)) in ("", "offline", "unknown"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"container did not boot:\n{self.console_tail()}")
-            time.sleep(0.05)
+            exited = os.pidfd_open(self.process.pid)
+            stack.callback(os.close, exited)
+            _await_ready(notify, exited, time.monotonic() + timeout, self.console_tail)
+        # Ready: init has finished its start-up job, so this answers at once.
+        state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
         if state not in ("running", "degraded"):
             failed = self.run("systemctl", "--failed", "--no-pager", check=False).stdout
             raise RuntimeError(f"container boot ended {state!r}:\n{failed}")
-
-    def _system_state(self, deadline: float) -> str:
-        left = max(deadline - time.monotonic(), 1.0)
-        done = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=left)
-        return done.stdout.strip()
 
     def leader(self) -> int | None:
         """PID (host view) of the container's init, once nspawn has forked it."""
@@ -291,6 +294,21 @@ class Container:
 
     def apt(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         return self.run("apt-get", "-y", "-q", "--no-install-recommends", *args, timeout=timeout)
+
+
+def _await_ready(
+    notify: socket.socket, exited: int, deadline: float, console: Callable[[], str]
+) -> None:
+    """Read ``notify`` until a READY=1 arrives; fail if ``exited`` (a pidfd) fires first."""
+    while True:
+        left = deadline - time.monotonic()
+        readable = select.select([notify, exited], [], [], max(left, 0))[0] if left > 0 else []
+        if not readable:
+            raise TimeoutError(f"container did not boot:\n{console()}")
+        if notify in readable and b"READY=1" in notify.recv(4096).split(b"\n"):
+            return
+        if exited in readable:
+            raise RuntimeError(f"systemd-nspawn exited before the container was up:\n{console()}")
 
 
 def wait_for(
