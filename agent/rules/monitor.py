@@ -152,15 +152,6 @@ class GenerationSummary:
         return Touch(self.structure, frozenset(self.sets), elsewhere=self.elsewhere)
 
 
-def touch_of(chunks: list[bytes], table: str) -> Touch:
-    """Pure: what the messages of one foreign generation did to ``inet <table>``."""
-    summary = GenerationSummary(table)
-    for data in chunks:
-        for kind, start, end in messages(data):
-            summary.add(data, kind, start, end)
-    return summary.touch()
-
-
 def own_thread(tid: int) -> bool:
     """Whether ``tid`` (a NEWGEN's committer) is a thread of this process."""
     return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
