@@ -347,11 +347,11 @@ class Engine:
         # when the earliest has passed, so 100,000 idle entries cost nothing per tick.
         self._deadlines: list[int] = []
         self._thread: threading.Thread | None = None
+        self._keep = history  # events retained: the history's length, and a group's numbering
         self._history: deque[Event] = deque(maxlen=history)
         self._large_batch_done = False
         # Kernel transactions of request groups run here, beside the writer (see _commit).
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
-        self._keep = history
         # Called on the writer thread after every published change (see ``add_listener``).
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()  # guards view + history for readers on other threads
@@ -373,8 +373,8 @@ class Engine:
             state_version=self.store.state_version(),
         )
         self._reset_deadlines()
-        start = max(0, self.view.state_version - (self._history.maxlen or 0))
-        page = self.store.events_since(start, self._history.maxlen or 0)
+        start = max(0, self.view.state_version - self._keep)
+        page = self.store.events_since(start, self._keep)
         self._history.clear()
         self._history.extend(
             Event(
