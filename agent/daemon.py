@@ -30,7 +30,7 @@ import systemd.daemon  # Debian's python3-systemd
 import systemd.journal
 
 from agent.config import AgentConfig, load_config
-from agent.engine import HISTORY, TICK_S, Engine, to_stored, to_stored_event
+from agent.engine import TICK_S, Engine
 from agent.errors import AgentError
 from agent.local.server import serve_local
 from agent.metrics import SourceStatus, start_metrics
@@ -43,7 +43,8 @@ from agent.rules.monitor import NftMonitor, ruleset_fingerprint
 from agent.rules.nft import NftAdapter, limit_heap_arenas
 from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
-from agent.state import Entry, Event, EventKind, Limits, StateView, numbered
+from agent.state import HISTORY, Entry, Event, EventKind, Limits, StateView, numbered
+from agent.state_records import to_stored, to_stored_event
 from agent.store import Store, StoreCorrupt, StoreError
 from agent.store_records import CommitBatch
 from agent.verify import Verifier

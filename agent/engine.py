@@ -27,12 +27,12 @@ from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
 from agent.gcpause import collector_paused
-from agent.model import Address, Element, EntryKey
+from agent.model import Address, EntryKey
 from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
-from agent.rules.render import element_comment
 from agent.rules.table import FirewallTable
 from agent.state import (
+    HISTORY,
     Command,
     Decision,
     Entry,
@@ -48,7 +48,16 @@ from agent.state import (
     SyncCmd,
     decide,
     expire,
-    numbered,
+    newest_numbered,
+)
+from agent.state_records import (
+    element_for,
+    entries_from_rows,
+    event_audit,
+    expiry_audit,
+    from_stored,
+    to_stored,
+    to_stored_event,
 )
 from agent.store import Store
 from agent.store_records import (
@@ -61,7 +70,6 @@ from agent.store_records import (
     PendingIntent,
     RequestRecord,
     StoredEntry,
-    StoredEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -72,8 +80,6 @@ LARGE_BATCH = 10_000
 # From this many changes on, a group's kernel transaction runs beside the writing of its rows;
 # below, handing it to another thread and back costs more than the overlap gains.
 OVERLAP_BATCH = 1_000
-# Events retained, in memory for WatchEvents and in the store across restarts.
-HISTORY = 10_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
 
@@ -178,28 +184,6 @@ class _Task:
     future: Future[Any] = field(default_factory=Future)
 
 
-def to_stored(e: Entry) -> StoredEntry:
-    return StoredEntry(
-        profile=e.key.profile,
-        address=e.key.address.text,
-        subject=e.subject,
-        created_at_ms=e.created_at_ms,
-        expires_at_ms=e.expires_at_ms,
-        request_id=e.request_id,
-        local=e.local,
-    )
-
-
-def to_stored_event(e: Event) -> StoredEvent:
-    return StoredEvent(
-        state_version=e.state_version,
-        at_ms=e.at_ms,
-        kind=e.kind.name,
-        entry=to_stored(e.entry) if e.entry else None,
-        detail=e.detail,
-    )
-
-
 def _names_whole_state(cmd: Command) -> bool:
     """Whether ``cmd`` may change any entry, not only the ones it names (Sync, Erase, a
     Revoke by subject)."""
@@ -227,96 +211,6 @@ def _failure(applying: Future[object]) -> AgentError | None:
     wait([applying])
     exc = applying.exception()
     return exc if isinstance(exc, AgentError) else None
-
-
-def newest_numbered(
-    raised: Sequence[tuple[Sequence[Event], int]], keep: int = HISTORY
-) -> tuple[list[Event], int]:
-    """The newest ``keep`` of a group's events, numbered, and the version through which the
-    group's older ones are not kept (0: all are). ``raised``: each decision's events with the
-    version before them. A 100,000-entry Sync numbers 10,000 events, not 100,000."""
-    total = sum(len(evs) for evs, _ in raised)
-    skip = max(0, total - keep)
-    newest: list[Event] = []
-    for evs, first in raised:
-        if skip >= len(evs):
-            skip -= len(evs)
-            continue
-        newest += numbered(evs[skip:], first + skip)
-        skip = 0
-    if total <= keep:
-        return newest, 0
-    last_evs, last_first = raised[-1]
-    return newest, (newest[0].state_version if newest else last_first + len(last_evs) + 1) - 1
-
-
-def entries_from_rows(
-    rows: Iterable[tuple[str, str, str, int, int, str, int]],
-) -> dict[EntryKey, Entry]:
-    """The state's entries from the store's rows, whose addresses are in normal form.
-
-    Each row comes with its own copy of values that most entries share (the profile, and a
-    Sync's request id and times): one object per value is kept, ~20 MB less at 100,000.
-    """
-    entries: dict[EntryKey, Entry] = {}
-    shared: dict[object, Any] = {}
-    one = shared.setdefault
-    for profile, address, subject, created, expires, request_id, _local in rows:
-        key = EntryKey(one(profile, profile), Address.trusted(address))
-        entries[key] = Entry(
-            key, subject, one(created, created), one(expires, expires), one(request_id, request_id)
-        )
-    return entries
-
-
-def from_stored(s: StoredEntry) -> Entry:
-    """The entry of a stored row; the store only ever holds addresses in normal form."""
-    return Entry(
-        key=EntryKey(s.profile, Address.trusted(s.address)),
-        subject=s.subject,
-        created_at_ms=s.created_at_ms,
-        expires_at_ms=s.expires_at_ms,
-        request_id=s.request_id,
-    )
-
-
-def expiry_audit(e: Entry, now_ms: int) -> AuditRecord:
-    """The audit row of an entry whose time ran out (no caller, no key: the kernel did it)."""
-    return AuditRecord(
-        now_ms, "expired", e.key.profile, e.key.address.text, e.subject, e.request_id, "", ""
-    )
-
-
-def event_audit(
-    e: Event, entry: Entry, at_ms: int, request_id: str, *, caller: str = "", keyid: str = ""
-) -> AuditRecord:
-    """The audit row of an event that changed ``entry`` (the event's own), on behalf of
-    ``request_id`` (and ``caller`` with ``keyid``, when known)."""
-    return AuditRecord(
-        at_ms,
-        e.kind.name.lower(),
-        entry.key.profile,
-        entry.key.address.text,
-        entry.subject,
-        request_id,
-        caller,
-        keyid,
-        e.detail,
-    )
-
-
-def settled_audit(e: Event) -> AuditRecord:
-    """The audit row of a change rolled forward at start-up (``reconcile.settled_events``):
-    who asked for it is not known, as an intent does not record the caller."""
-    if e.entry is None:
-        raise ValueError("a settled change names its entry")
-    return event_audit(e, e.entry, e.at_ms, e.entry.request_id)
-
-
-def element_for(e: Entry, now_ms: int) -> Element:
-    """The kernel element of an entry, with the timeout that remains of it (at least 1 s)."""
-    remaining = max(1, -(-(e.expires_at_ms - now_ms) // 1000))
-    return Element(e.key, remaining, element_comment(e.subject, e.request_id, local=e.local))
 
 
 class Engine:

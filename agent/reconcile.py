@@ -21,20 +21,28 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.engine import (
-    element_for,
-    expiry_audit,
-    from_stored,
-    newest_numbered,
-    settled_audit,
-    to_stored,
-    to_stored_event,
-)
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
 from agent.rules.structure import expected_structure, read_structure
 from agent.rules.table import FirewallTable
-from agent.state import LOCAL_PREFIX, Entry, Event, EventKind, StateView, expire, numbered
+from agent.state import (
+    LOCAL_PREFIX,
+    Entry,
+    Event,
+    EventKind,
+    StateView,
+    expire,
+    newest_numbered,
+    numbered,
+)
+from agent.state_records import (
+    element_for,
+    expiry_audit,
+    from_stored,
+    settled_audit,
+    to_stored,
+    to_stored_event,
+)
 from agent.store import Store
 from agent.store_records import CommitBatch, PendingIntent
 

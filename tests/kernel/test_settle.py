@@ -10,9 +10,9 @@ from pathlib import Path
 
 from tablekit import Rig
 
-from agent.engine import element_for, from_stored
 from agent.reconcile import STARTUP, converge
 from agent.state import EventKind, StateView
+from agent.state_records import element_for, from_stored
 from agent.store import Store
 from agent.store_records import IntentChange, PendingIntent, StoredEntry
 

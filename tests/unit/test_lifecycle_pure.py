@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from agent.config import PortRange, parse_config
-from agent.engine import entries_from_rows, from_stored, newest_numbered, settled_audit, to_stored
 from agent.model import Address, EntryKey, ObservedElement
 from agent.reconcile import (
     STARTUP,
@@ -30,7 +29,8 @@ from agent.rules.monitor import (
 )
 from agent.rules.shadowing import find_shadowing
 from agent.rules.structure import expected_structure, observed_structure
-from agent.state import Entry, Event, EventKind, StateView
+from agent.state import Entry, Event, EventKind, StateView, newest_numbered
+from agent.state_records import entries_from_rows, from_stored, settled_audit, to_stored
 from agent.store_records import IntentChange, PendingIntent, StoredEntry
 
 # --- netlink notifications ----------------------------------------------------------------
