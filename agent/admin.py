@@ -1,4 +1,4 @@
-"""The sysadmin's CLI (status, list, allow, revoke, doctor, why) over the daemon's local socket.
+"""The sysadmin's CLI (status, list, allow, revoke, doctor, why, audit) over the local socket.
 
 Every command asks the daemon (``agent.local.client``); none reads or edits the nftables table
 itself, so a grant made here is ordered, recorded and reported like any other. Output is a
@@ -13,6 +13,7 @@ printed); 4 the daemon is not reachable.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
@@ -123,6 +124,33 @@ def format_outcome(result: dict[str, Any], now_ms: int) -> str:
         tail = f"local grant for {result['ttl_s']} s{capped}; {tail}"
     lines.append(tail)
     return "\n".join(lines)
+
+
+def format_audit(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            dt.datetime.fromtimestamp(int(r["at_ms"]) / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            r["action"],
+            r["address"] or "-",
+            r["profile"] or "-",
+            r["subject"] or "-",
+            r["request_id"],
+            r["caller"] or "-",
+            r["detail"],
+        ]
+        for r in result["rows"]
+    ]
+    headers = [
+        "TIME (UTC)",
+        "ACTION",
+        "ADDRESS",
+        "PROFILE",
+        "SUBJECT",
+        "REQUEST",
+        "CALLER",
+        "DETAIL",
+    ]
+    return f"{render_table(headers, rows)}\n{len(rows)} audit rows"
 
 
 def why_exit_code(result: dict[str, Any]) -> int:
@@ -264,6 +292,21 @@ def _why(args: argparse.Namespace) -> int:
     return why_exit_code(result)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    result = _call(
+        args,
+        "audit",
+        request_id=args.request_id,
+        subject=args.subject,
+        address=args.address,
+        limit=args.limit,
+    )
+    if isinstance(result, int):
+        return result
+    _print(args, result, format_audit(result))
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--socket", help="the daemon's local socket (default: from --config)")
@@ -309,3 +352,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("address", metavar="ADDRESS")
     p.add_argument("port", metavar="PORT/PROTO", help="e.g. 5060/udp")
     p.set_defaults(handler=_why)
+
+    p = sub.add_parser(
+        "audit", help="the audit log: who changed which entry, by request id, subject or address"
+    )
+    _common(p)
+    p.add_argument("--request-id", default="", help="only this request (as logged)")
+    p.add_argument("--subject", default="", help="only this subject")
+    p.add_argument("--address", default="", help="only this address")
+    p.add_argument("--limit", type=int, default=0, help="newest rows to show (default 50)")
+    p.set_defaults(handler=_audit)

@@ -194,7 +194,7 @@ def _log_accepted(cmd: Command, changed: int, state_version: int) -> None:
     meta = cmd.meta
     # No subject and no address: the journal is kept (and often shipped elsewhere) on the
     # host's terms, out of reach of the audit retention and of Erase. The request id leads to
-    # them in the audit rows (`ctl state`, the store) while the privacy policy keeps them.
+    # them in the audit rows (`vicifast-agent audit --request-id`) while the policy keeps them.
     fields = {"REQUEST_ID": meta.request_id, "CALLER": meta.caller, "RPC": meta.rpc}
     log.info(
         "%s %s: %d changed, state_version %d",

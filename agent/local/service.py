@@ -1,4 +1,4 @@
-"""The daemon's side of the local socket: status, list, allow, revoke, doctor, why.
+"""The daemon's side of the local socket: status, list, allow, revoke, doctor, why, audit.
 
 Owns what an on-host caller may ask and how a local grant is made: the same field validation
 as the gRPC API (``agent.rpc.convert`` over the same messages), the local policy (TTL cap,
@@ -9,6 +9,7 @@ only through cheap listings (``agent.local.kernel_view``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -22,10 +23,11 @@ from typing import Any
 from agent import __version__, doctor
 from agent.config import AgentConfig, Profile
 from agent.engine import Engine, Outcome
-from agent.errors import AgentError
+from agent.errors import AgentError, InvalidArgument
 from agent.local.access import Peer, local_request_id, local_ttl
 from agent.local.kernel_view import read_other_input_chains
 from agent.local.wire import LocalRequest, arg_int, arg_str, arg_strings
+from agent.policy import normalize_address
 from agent.rpc import convert
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import Health
@@ -42,6 +44,11 @@ from agent.why import (
 )
 
 log = logging.getLogger("vicifast-agent.local")
+
+# Audit rows in one answer: the newest this many unless asked, never more than the maximum
+# (a week of a busy control plane is millions of rows; narrow by request, subject or address).
+AUDIT_DEFAULT_ROWS = 50
+AUDIT_MAX_ROWS = 1_000
 
 
 def entry_json(e: Entry, now_ms: int) -> dict[str, Any]:
@@ -103,6 +110,7 @@ class LocalService:
             "revoke": self._revoke,
             "doctor": self._doctor,
             "why": self._why,
+            "audit": self._audit,
         }
         return handlers[request.op](request.args, peer)
 
@@ -151,6 +159,23 @@ class LocalService:
             if (not profile or e.key.profile == profile) and (not subject or e.subject == subject)
         ]
         return {"state_version": version, "now_ms": now, "entries": chosen}
+
+    def _audit(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """The newest audit rows matching a request id, subject and address: the journal names
+        only request ids (no person), this is where a sysadmin reads what they did."""
+        limit = arg_int(args, "limit") or AUDIT_DEFAULT_ROWS
+        if limit > AUDIT_MAX_ROWS:
+            raise InvalidArgument("bad_request", f"'limit' must be at most {AUDIT_MAX_ROWS}")
+        address = arg_str(args, "address")
+        if address:  # as the audit wrote it (normal form, a /64 under that policy)
+            address = normalize_address(address, self.config().address_policy).text
+        rows = self.engine.store.audit_records(
+            limit=limit,
+            request_id=arg_str(args, "request_id"),
+            subject=arg_str(args, "subject"),
+            address=address,
+        )
+        return {"now_ms": self._now_ms(), "rows": [dataclasses.asdict(r) for r in rows]}
 
     def _doctor(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         cfg = self.config()

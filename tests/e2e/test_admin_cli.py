@@ -1,5 +1,5 @@
-"""The sysadmin's CLI for real: ``vicifast-agent status|list|allow|revoke|doctor|why`` as a
-subprocess in the agent's namespace, talking to the real daemon over its local socket.
+"""The sysadmin's CLI for real: ``vicifast-agent status|list|allow|revoke|doctor|why|audit``
+as a subprocess in the agent's namespace, talking to the real daemon over its local socket.
 
 One daemon serves the module (its own lab); every test uses its own addresses or subjects and
 removes what it added. The local socket lives in a directory others may traverse, so the
@@ -25,12 +25,14 @@ from conftest import AgentRig
 from netlab import Lab
 
 from agent.devlab import REPO_ROOT
+from agent.rpc.client import Entry
 
 TTL_CAP = 900
 BURST = 40
 STATIC = "198.19.5.0/24"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 OUTSIDER = ["setpriv", "--reuid=65534", "--regid=100", "--clear-groups"]  # not in nogroup
+CONTROL_PLANE = "spiffe://vicifast/control-plane"  # the dev PKI's client identity
 OK, NOT_ADMITTED, PROBLEMS, REFUSED, UNREACHABLE = 0, 1, 2, 3, 4
 
 
@@ -218,6 +220,52 @@ def test_refusals_name_the_reason_and_change_nothing(
         before["state_version"],
         before["entries"],
     )
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def test_audit_finds_who_changed_what_by_request_subject_and_address(rig: AgentRig) -> None:
+    remote = rig.client().allow([Entry("2001:db8:a0d1::1", subject="carol")])
+    local = as_json(cli(rig, "revoke", "--subject", "carol", "--json"))
+    (by_request,) = as_json(cli(rig, "audit", "--request-id", remote.request_id, "--json"))["rows"]
+    assert (by_request["action"], by_request["address"], by_request["subject"]) == (
+        "added",
+        "2001:db8:a0d1::/64",  # this agent keys IPv6 sources by their /64
+        "carol",
+    )
+    identity = rig.agent.identity()
+    assert by_request["keyid"] == identity.keyid
+    assert by_request["caller"] == CONTROL_PLANE
+    # Any address of the /64, as a sysadmin may type it, finds the rows the audit wrote.
+    rows = as_json(cli(rig, "audit", "--address", "2001:DB8:A0D1:0::77", "--json"))["rows"]
+    assert [(r["action"], r["request_id"]) for r in rows] == [
+        ("added", remote.request_id),
+        ("removed", local["request_id"]),
+    ]
+    assert rows[1]["caller"] == "local:uid=0(root)"
+    assert as_json(cli(rig, "audit", "--subject", "carol", "--limit", "1", "--json"))["rows"] == [
+        rows[1]
+    ]
+    human = cli(rig, "audit", "--subject", "carol")
+    assert human.returncode == OK, human.stderr
+    lines = human.stdout.splitlines()
+    assert lines[0].split()[:4] == ["TIME", "(UTC)", "ACTION", "ADDRESS"]
+    assert [ln.split()[2] for ln in lines[1:-1]] == ["added", "removed"]
+    assert lines[-1] == "2 audit rows"
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--address", "198.18.200.300"], "invalid_address"),
+        (["--limit", "1001"], "bad_request"),
+        (["--limit", "-1"], "bad_request"),
+    ],
+)
+def test_audit_refuses_a_bad_filter_by_name(rig: AgentRig, args: list[str], reason: str) -> None:
+    refused = as_json(cli(rig, "audit", *args, "--json"), REFUSED)
+    assert refused["error"]["reason"] == reason
 
 
 # --- why ------------------------------------------------------------------------------------

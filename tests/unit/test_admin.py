@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from agent.admin import (
+    format_audit,
     format_duration,
     format_entries,
     format_outcome,
@@ -250,6 +251,36 @@ def test_list_is_a_table_with_one_row_per_entry() -> None:
         "local-0011223344556677",
     ]
     assert lines[2] == "1 entries (state_version 5)"
+
+
+def test_audit_rows_are_a_table_in_utc_with_dashes_for_what_does_not_apply() -> None:
+    erase = {
+        "at_ms": 1_700_000_000_123,
+        "action": "erase",
+        "profile": "",
+        "address": "",
+        "subject": "",
+        "request_id": "req-0011223344556677",
+        "caller": "spiffe://vicifast/control-plane",
+        "keyid": "k1",
+        "detail": "2 entries revoked",
+    }
+    lines = format_audit({"now_ms": 0, "rows": [erase]}).splitlines()
+    assert lines[0].split()[:3] == ["TIME", "(UTC)", "ACTION"]
+    assert lines[1].split() == [
+        "2023-11-14",
+        "22:13:20",
+        "erase",
+        "-",
+        "-",
+        "-",
+        "req-0011223344556677",
+        "spiffe://vicifast/control-plane",
+        "2",
+        "entries",
+        "revoked",
+    ]
+    assert lines[2] == "1 audit rows"
 
 
 def test_an_outcome_says_when_the_ttl_was_capped() -> None:

@@ -313,7 +313,26 @@ def test_audit_records_round_trip_in_write_order(store: Store) -> None:
     store.commit(CommitBatch(state_version=0, audit=rows))
     assert store.audit_records() == list(rows)
     assert store.audit_records(since_ms=T0 + 1) == [rows[0]]
-    assert store.audit_records(limit=1) == [rows[0]]
+    assert store.audit_records(limit=1) == [rows[1]]  # the newest written
+
+
+def test_audit_records_are_found_by_request_subject_and_address(store: Store) -> None:
+    rows = (
+        audit("allow", "198.51.100.1", "alice", rid="req-00000001"),
+        audit("allow", "198.51.100.2", "bob", rid="req-00000001"),
+        audit("revoke", "198.51.100.1", "alice", rid="req-00000002"),
+        audit("allow", "198.51.100.3", "alice", rid="req-00000003"),
+    )
+    store.commit(CommitBatch(state_version=0, audit=rows))
+    assert store.audit_records(request_id="req-00000001") == list(rows[:2])
+    assert store.audit_records(subject="alice") == [rows[0], rows[2], rows[3]]
+    assert store.audit_records(address="198.51.100.1") == [rows[0], rows[2]]
+    assert store.audit_records(subject="alice", address="198.51.100.1", limit=1) == [rows[2]]
+    assert store.audit_records(request_id="req-00000009") == []
+    # Filters are values, never SQL.
+    assert store.audit_records(subject="' OR 1=1 --") == []
+    with pytest.raises(RecordError):
+        store.audit_records(limit=0)
 
 
 def test_events_round_trip_with_and_without_an_entry(store: Store) -> None:
