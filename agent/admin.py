@@ -13,11 +13,9 @@ printed); 4 the daemon is not reachable.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from agent import doctor
 from agent.config import DEFAULT_CONFIG_PATH, LocalConfig, load_config
 from agent.errors import ConfigError
 from agent.local.client import LocalCallError, LocalClient, LocalUnreachable
+from agent.terminal import printable, span, table, utc_iso
 
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
@@ -33,37 +32,10 @@ EXIT_UNREACHABLE = 4
 # --- pure rendering ----------------------------------------------------------------------------
 
 
-def format_duration(seconds: int) -> str:
-    """``3725`` -> ``1h 2m``; the two largest units, for a human glancing at a table."""
-    if seconds < 60:
-        return f"{seconds}s"
-    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-    parts: list[str] = []
-    rest = seconds
-    for name, size in units:
-        if rest >= size or parts:
-            parts.append(f"{rest // size}{name}")
-            rest %= size
-        if len(parts) == 2:
-            break
-    return " ".join(parts)
-
-
-def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    return "\n".join(lines)
-
-
 def _ago(now_ms: int, at_ms: int) -> str:
     if not at_ms:
         return "never"
-    return f"{format_duration(max(0, (now_ms - at_ms) // 1000))} ago"
+    return f"{span(max(0, (now_ms - at_ms) // 1000))} ago"
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -71,7 +43,7 @@ def format_status(s: dict[str, Any]) -> str:
     by_profile = ", ".join(f"{p} {n}" for p, n in s["entries_by_profile"].items())
     lines = [
         f"vicifast-agent {s['version']} (pid {s['pid']}), agent_id {s['agent_id']}",
-        f"  up:            {format_duration(max(0, (now - int(s['started_at_ms'])) // 1000))}",
+        f"  up:            {span(max(0, (now - int(s['started_at_ms'])) // 1000))}",
         f"  entries:       {s['entries']} ({s['local_entries']} local; {by_profile})",
         f"  state_version: {s['state_version']}",
         f"  table:         {s['table']}, {'in sync' if s['in_sync'] else 'OUT OF SYNC'}, "
@@ -93,15 +65,15 @@ def format_entries(result: dict[str, Any]) -> str:
         [
             e["address"],
             e["profile"],
-            e["subject"] or "-",
-            format_duration(int(e["expires_in_s"])),
+            printable(e["subject"]),
+            span(int(e["expires_in_s"])),
             e["source"],
             e["request_id"],
         ]
         for e in entries
     ]
-    table = render_table(["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES IN", "SOURCE", "REQUEST"], rows)
-    return f"{table}\n{len(entries)} entries (state_version {result['state_version']})"
+    text = table(["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES IN", "SOURCE", "REQUEST"], rows)
+    return f"{text}\n{len(entries)} entries (state_version {result['state_version']})"
 
 
 def format_outcome(result: dict[str, Any], now_ms: int) -> str:
@@ -110,14 +82,12 @@ def format_outcome(result: dict[str, Any], now_ms: int) -> str:
             r["address"],
             r["profile"],
             r["status"],
-            format_duration(max(0, (int(r["expires_at_ms"]) - now_ms) // 1000))
-            if r["expires_at_ms"]
-            else "-",
+            span(max(0, (int(r["expires_at_ms"]) - now_ms) // 1000)) if r["expires_at_ms"] else "-",
             r["reason"] or "",
         ]
         for r in result["results"]
     ]
-    lines = [render_table(["ADDRESS", "PROFILE", "STATUS", "EXPIRES IN", "REASON"], rows)]
+    lines = [table(["ADDRESS", "PROFILE", "STATUS", "EXPIRES IN", "REASON"], rows)]
     tail = f"request {result['request_id']}, state_version {result['state_version']}"
     if "ttl_s" in result:
         capped = " (capped by [local] ttl_cap_s)" if result["ttl_capped"] else ""
@@ -129,19 +99,19 @@ def format_outcome(result: dict[str, Any], now_ms: int) -> str:
 def format_audit(result: dict[str, Any]) -> str:
     rows = [
         [
-            dt.datetime.fromtimestamp(int(r["at_ms"]) / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            utc_iso(int(r["at_ms"])),
             r["action"],
             r["address"] or "-",
             r["profile"] or "-",
-            r["subject"] or "-",
+            printable(r["subject"]),
             r["request_id"],
             r["caller"] or "-",
-            r["detail"],
+            printable(r["detail"]),
         ]
         for r in result["rows"]
     ]
     headers = [
-        "TIME (UTC)",
+        "TIME",
         "ACTION",
         "ADDRESS",
         "PROFILE",
@@ -150,7 +120,7 @@ def format_audit(result: dict[str, Any]) -> str:
         "CALLER",
         "DETAIL",
     ]
-    return f"{render_table(headers, rows)}\n{len(rows)} audit rows"
+    return f"{table(headers, rows)}\n{len(rows)} audit rows"
 
 
 def why_exit_code(result: dict[str, Any]) -> int:
@@ -167,8 +137,8 @@ def format_why(result: dict[str, Any]) -> str:
     entry = a.get("state_entry")
     if entry:
         lines.append(
-            f"    entry: subject {entry['subject'] or '-'}, {entry['source']}, expires in "
-            f"{format_duration(int(entry['expires_in_s']))}, request {entry['request_id']}"
+            f"    entry: subject {printable(entry['subject'])}, {entry['source']}, expires in "
+            f"{span(int(entry['expires_in_s']))}, request {entry['request_id']}"
         )
     if not result["other_chains"]:
         lines.append("  other tables: no other base chain on the input hook")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import enum
 import functools
 import io
@@ -33,7 +32,7 @@ import re
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from google.protobuf.message import Message
 from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.pb import agent_pb2
 from agent.rpc.signing import keyid_for, new_request_id, private_key_from_pem
+from agent.terminal import printable, span, table, utc_iso
 
 __all__ = [
     "CONNECTION_KEYS",
@@ -304,40 +304,13 @@ def to_json(message: Message) -> dict[str, Any]:
     return out
 
 
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _span(seconds: int) -> str:
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts[:2])  # "1d2h", "9m59s": two units are enough to read at a glance
-
-
 def when(ms: int, now_ms: int) -> str:
-    """``2025-01-02T03:04:05Z (in 9m59s)`` / ``(... ago)``; ``-`` for 0 (no time)."""
+    """``2025-01-02T03:04:05Z (in 9m 59s)`` / ``(... ago)``; ``-`` for 0 (no time)."""
     if ms <= 0:
         return "-"
     delta = (ms - now_ms) // 1000 if ms >= now_ms else -((now_ms - ms) // 1000)
-    rel = "now" if delta == 0 else f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago"
-    return f"{_iso(ms)} ({rel})"
-
-
-def _safe(text: str) -> str:
-    # The agent refuses control characters in subjects; escape anyway, never trust a terminal.
-    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text) or "-"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns, two spaces apart, no trailing blanks."""
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [headers, *rows]
-    )
+    rel = "now" if delta == 0 else f"in {span(delta)}" if delta > 0 else f"{span(-delta)} ago"
+    return f"{utc_iso(ms)} ({rel})"
 
 
 def format_apply_result(result: agent_pb2.ApplyResult, now_ms: int, *, erase: bool = False) -> str:
@@ -380,7 +353,13 @@ def format_state(state: agent_pb2.AgentState, local_now_ms: int) -> str:
     )
     if state.entries:
         rows = [
-            (e.address, e.profile, _safe(e.subject), when(e.expires_at_unix_ms, now), e.request_id)
+            (
+                e.address,
+                e.profile,
+                printable(e.subject),
+                when(e.expires_at_unix_ms, now),
+                e.request_id,
+            )
             for e in state.entries
         ]
         lines += ["", table(("ADDRESS", "PROFILE", "SUBJECT", "EXPIRES", "REQUEST"), rows)]
@@ -389,14 +368,14 @@ def format_state(state: agent_pb2.AgentState, local_now_ms: int) -> str:
 
 def format_event(event: agent_pb2.AgentEvent, now_ms: int) -> str:
     kind = agent_pb2.AgentEvent.Kind.Name(event.kind)
-    parts: list[str] = [f"#{event.state_version}", _iso(event.at_unix_ms), kind]
+    parts: list[str] = [f"#{event.state_version}", utc_iso(event.at_unix_ms), kind]
     if event.HasField("entry"):
         e = event.entry
-        parts += [e.address, e.profile, f"subject={_safe(e.subject)}"]
+        parts += [e.address, e.profile, f"subject={printable(e.subject)}"]
         if e.expires_at_unix_ms:
             parts.append(f"expires {when(e.expires_at_unix_ms, now_ms)}")
     if event.detail:
-        parts.append(_safe(event.detail))
+        parts.append(printable(event.detail))
     return "  ".join(parts)
 
 

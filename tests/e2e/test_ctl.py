@@ -95,9 +95,9 @@ def test_allow_admits_and_state_lists_it_as_json(lab: Lab, agent: DevAgent) -> N
 def test_allow_and_state_for_humans(lab: Lab, agent: DevAgent) -> None:
     src = lab.addr.client4
     allowed = ok(ctl(agent, "allow", src, "--subject", "bob", "--ttl", "3600"))
-    assert re.search(rf"^{re.escape(src)}\s+agent\s+ADDED\s+\S+Z \(in 59m5\ds\)", allowed, re.M)
+    assert re.search(rf"^{re.escape(src)}\s+agent\s+ADDED\s+\S+Z \(in 59m 5\ds\)", allowed, re.M)
     state = ok(ctl(agent, "state"))
-    assert re.search(rf"^{re.escape(src)}\s+agent\s+bob\s+\S+Z \(in 59m5\ds\)", state, re.M)
+    assert re.search(rf"^{re.escape(src)}\s+agent\s+bob\s+\S+Z \(in 59m 5\ds\)", state, re.M)
     assert f"agent        {agent.agent_id}," in state
     assert "ruleset      in sync" in state
 
@@ -215,7 +215,7 @@ def test_watch_streams_live_events_for_humans(lab: Lab, agent: DevAgent) -> None
     assert w.returncode == 0
     assert re.fullmatch(
         rf"#{since + 1}  \S+Z  ADDED  {re.escape(lab.addr.client4)}  agent  subject=hana"
-        r"  expires \S+Z \(in 23h59m\)\n",
+        r"  expires \S+Z \(in 23h 59m\)\n",
         out,
     )
 
