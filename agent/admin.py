@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,48 +192,39 @@ def _fail(args: argparse.Namespace, reason: str, detail: str, context: str) -> N
         print(f"vicifast-agent: {reason}: {detail} ({context})", file=sys.stderr)
 
 
-def _status(args: argparse.Namespace) -> int:
-    result = _call(args, "status")
+def _show(
+    args: argparse.Namespace, op: str, render: Callable[[dict[str, Any]], str], *fields: str
+) -> int:
+    """Ask the daemon ``op`` with the options named ``fields``, print its answer (``render``
+    for people, JSON with ``--json``), and return 0, or the exit code saying why there is none."""
+    result = _call(args, op, **{name: getattr(args, name) for name in fields})
     if isinstance(result, int):
         return result
-    _print(args, result, format_status(result))
+    _print(args, result, render(result))
     return 0
+
+
+def _outcome_now(result: dict[str, Any]) -> str:
+    return format_outcome(result, int(time.time() * 1000))
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _show(args, "status", format_status)
 
 
 def _list(args: argparse.Namespace) -> int:
-    result = _call(args, "list", profile=args.profile or "", subject=args.subject or "")
-    if isinstance(result, int):
-        return result
-    _print(args, result, format_entries(result))
-    return 0
+    return _show(args, "list", format_entries, "profile", "subject")
 
 
 def _allow(args: argparse.Namespace) -> int:
-    result = _call(
-        args,
-        "allow",
-        addresses=args.addresses,
-        ttl=args.ttl,
-        subject=args.subject,
-        profile=args.profile,
-    )
-    if isinstance(result, int):
-        return result
-    _print(args, result, format_outcome(result, int(time.time() * 1000)))
-    return 0
+    return _show(args, "allow", _outcome_now, "addresses", "ttl", "subject", "profile")
 
 
 def _revoke(args: argparse.Namespace) -> int:
     if bool(args.addresses) == bool(args.subject):
         print("vicifast-agent revoke: give ADDRESS... or --subject, not both", file=sys.stderr)
         return 2
-    result = _call(
-        args, "revoke", addresses=args.addresses, subject=args.subject, profile=args.profile
-    )
-    if isinstance(result, int):
-        return result
-    _print(args, result, format_outcome(result, int(time.time() * 1000)))
-    return 0
+    return _show(args, "revoke", _outcome_now, "addresses", "subject", "profile")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -263,18 +255,7 @@ def _why(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    result = _call(
-        args,
-        "audit",
-        request_id=args.request_id,
-        subject=args.subject,
-        address=args.address,
-        limit=args.limit,
-    )
-    if isinstance(result, int):
-        return result
-    _print(args, result, format_audit(result))
-    return 0
+    return _show(args, "audit", format_audit, "request_id", "subject", "address", "limit")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -294,8 +275,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser("list", help="entries the kernel enforces")
     _common(p)
-    p.add_argument("--profile", help="only this profile")
-    p.add_argument("--subject", help="only this subject")
+    p.add_argument("--profile", default="", help="only this profile")
+    p.add_argument("--subject", default="", help="only this subject")
     p.set_defaults(handler=_list)
 
     p = sub.add_parser("allow", help="grant ADDRESS locally (TTL capped by [local] ttl_cap_s)")
