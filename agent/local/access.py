@@ -44,6 +44,15 @@ def authorize(peer: Peer, group_gid: int | None) -> None:
     )
 
 
+def authorize_history(peer: Peer) -> None:
+    """Root only: the audit log is a week of who had access from where. The group (a local
+    fallback portal, say) needs today's entries to do its job, not that history."""
+    if peer.uid != 0:
+        raise PermissionDenied(
+            "local_root_only", f"uid {peer.uid}: only root may read the audit log"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class LocalTtl:
     seconds: int

@@ -24,7 +24,7 @@ from agent import __version__, doctor
 from agent.config import AgentConfig, Profile
 from agent.engine import Engine, Outcome
 from agent.errors import AgentError, InvalidArgument
-from agent.local.access import Peer, local_request_id, local_ttl
+from agent.local.access import Peer, authorize_history, local_request_id, local_ttl
 from agent.local.kernel_view import read_other_input_chains
 from agent.local.wire import LocalRequest, arg_int, arg_str, arg_strings
 from agent.policy import normalize_address
@@ -163,6 +163,7 @@ class LocalService:
     def _audit(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """The newest audit rows matching a request id, subject and address: the journal names
         only request ids (no person), this is where a sysadmin reads what they did."""
+        authorize_history(peer)
         limit = arg_int(args, "limit") or AUDIT_DEFAULT_ROWS
         if limit > AUDIT_MAX_ROWS:
             raise InvalidArgument("bad_request", f"'limit' must be at most {AUDIT_MAX_ROWS}")

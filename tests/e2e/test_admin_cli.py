@@ -390,6 +390,12 @@ def test_a_group_member_may_use_it_and_is_recorded_as_such(rig: AgentRig) -> Non
         as_json(cli(rig, "revoke", "198.18.202.1", "--json"))
 
 
+def test_only_root_reads_the_audit_log(rig: AgentRig) -> None:
+    refused = as_json(cli(rig, "audit", "--json", user=NOBODY), REFUSED)
+    assert refused["error"]["reason"] == "local_root_only"
+    assert as_json(cli(rig, "audit", "--limit", "1", "--json"))["rows"]
+
+
 def test_a_non_member_is_refused_by_the_file_mode_and_by_the_daemon(rig: AgentRig) -> None:
     refused = as_json(cli(rig, "status", "--json", user=OUTSIDER), UNREACHABLE)
     assert "permission denied" in refused["error"]["detail"]

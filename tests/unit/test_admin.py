@@ -23,7 +23,14 @@ from agent.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from agent.local.access import Peer, RateLimiter, authorize, local_request_id, local_ttl
+from agent.local.access import (
+    Peer,
+    RateLimiter,
+    authorize,
+    authorize_history,
+    local_request_id,
+    local_ttl,
+)
 from agent.local.wire import (
     LocalCallError,
     LocalRequest,
@@ -87,6 +94,13 @@ def test_only_root_and_group_members_may_connect(
         with pytest.raises(PermissionDenied) as err:
             authorize(peer, gid)
         assert err.value.reason == "local_peer_not_allowed"
+
+
+def test_only_root_reads_the_history() -> None:
+    authorize_history(Peer(pid=1, uid=0, gid=0))
+    with pytest.raises(PermissionDenied) as refused:
+        authorize_history(Peer(pid=1, uid=1000, gid=50, groups=(50,)))
+    assert refused.value.reason == "local_root_only"
 
 
 def test_rate_limit_allows_a_burst_then_refills_per_peer() -> None:
