@@ -1,9 +1,10 @@
 """Pure: the local socket's policy: who may connect, how often, for how long a grant lasts.
 
 Owns the rules that stand in for mTLS and signatures on the local socket (PROTOCOL.md "Local
-socket"): root and members of one configured group only, a per-peer rate limit on changes, a
-TTL cap, and the ``local-`` request ids that mark a grant as local everywhere (state, events,
-logs, the element comment). Reads no clock of its own and does no I/O.
+socket"): root and members of one configured group only (the audit log root alone), a per-peer
+rate limit on changes, a TTL cap, and the ``local-`` request ids that mark a grant as local
+everywhere (state, events, logs, the element comment). Reads no clock of its own and does no
+I/O.
 """
 
 from __future__ import annotations
