@@ -541,7 +541,7 @@ class Store:
                 self._writer.execute("PRAGMA shrink_memory")
         self._readers.shrink()
 
-    def entry_rows(self) -> list[tuple[str, str, str, int, int, str, int]]:
+    def entry_rows(self) -> list[_EntryRow]:
         """Every stored entry as its row (profile, address, subject, created_at_ms,
         expires_at_ms, request_id, local): what a start loads, 100,000 of them, without a
         record object each."""
@@ -550,9 +550,7 @@ class Store:
 
     def load_entries(self) -> list[StoredEntry]:
         """Every stored entry (dynamic entries and local grants), in key order."""
-        with self._reading() as conn:
-            rows = conn.execute(_SELECT_ENTRIES)
-            return [StoredEntry(p, a, s, c, x, r, lo == 1) for p, a, s, c, x, r, lo in rows]
+        return [_entry(row) for row in self.entry_rows()]
 
     def state_version(self) -> int:
         with self._reading() as conn:
@@ -648,7 +646,7 @@ class Store:
         if limit is not None and limit < 1:
             raise RecordError(f"limit must be >= 1, got {limit}")
         params = (since_ms, request_id, subject, address, -1 if limit is None else limit)
-        with self._reading() as conn:
+        with self._reading(one_statement=True) as conn:
             rows = conn.execute(_SELECT_AUDIT, params).fetchall()
         return [AuditRecord(*row) for row in rows]
 
