@@ -169,13 +169,11 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _off_loop(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
-
     async def _large(self, fn: Callable[[], T]) -> T:
         """``fn`` for a large request or answer: off the loop, and without cyclic collections
         (see ``agent.gcpause``)."""
-        return await self._off_loop(functools.partial(_paused, fn))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._workers, functools.partial(_paused, fn))
 
     # --- signed RPCs -------------------------------------------------------------------------
 
