@@ -554,6 +554,7 @@ class Engine:
         upserts = [final.entries[k] for k in touched if k in final.entries]
         removals = [before[k] for k in touched if k not in final.entries and k in before]
         refreshed = {k for k in touched if k in before and k in final.entries}
+        changes = len(upserts) + len(removals)
 
         intent_id = uuid.uuid4().hex
         stored_upserts = tuple(map(to_stored, upserts))  # for the intent and the commit
@@ -569,7 +570,7 @@ class Engine:
         # GIL) while this one writes the rows; COMMIT waits for the kernel's answer, so the
         # order stays intent -> kernel -> commit, and a refused transaction rolls the rows back.
         applying = self._start(
-            len(upserts) + len(removals) >= OVERLAP_BATCH,
+            changes >= OVERLAP_BATCH,
             functools.partial(
                 self.table.apply,
                 [element_for(e, now) for e in upserts],
@@ -600,7 +601,7 @@ class Engine:
             raise
         finally:
             wait([applying])
-        self._large_batch_done |= len(upserts) + len(removals) >= LARGE_BATCH
+        self._large_batch_done |= changes >= LARGE_BATCH
         final.last_issued = {}  # a per-group cache, loaded from the store each time
         with self._lock:
             self.view = final  # the group's own copy: nothing else holds it
