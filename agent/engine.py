@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
 from agent.gcpause import collector_paused
+from agent.grouping import MAX_GROUP, linger_left
 from agent.model import Address, EntryKey
 from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
@@ -74,7 +75,6 @@ from agent.store_records import (
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP = 512
 # A group changing this many entries leaves memory to give back once the writer is idle.
 LARGE_BATCH = 10_000
 # From this many changes on, a group's kernel transaction runs beside the writing of its rows;
@@ -251,6 +251,7 @@ class Engine:
         self._lock = threading.Lock()  # guards view + history for readers on other threads
         self.last_loop_at = time.monotonic()
         self._stop_seen = False
+        self._expected = 0  # requests in the last group (see agent.grouping)
         # EXPIRED events published since start (read by the metrics; only the writer adds).
         self.expiries = 0
 
@@ -432,19 +433,28 @@ class Engine:
                     self._run_task(item)
 
     def _drain(self, first: _Pending | _Task | None) -> list[_Pending | _Task | None]:
+        """``first`` and what else is queued, waiting a moment for requests on their way while
+        concurrent callers are expected (see ``agent.grouping``)."""
         items: list[_Pending | _Task | None] = []
         item: _Pending | _Task | None = first
+        started = time.monotonic()
+        gathered = 0
         while True:
             if item is None:
                 self._stop_seen = True  # finish what came before, then stop
             else:
                 items.append(item)
+                gathered += isinstance(item, _Pending)
             if len(items) >= MAX_GROUP or self._stop_seen:
-                return items
+                break
+            wait = linger_left(gathered, self._expected, started, time.monotonic())
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
-                return items
+                break
+        if gathered:
+            self._expected = gathered
+        return items
 
     def _large(self, group: list[_Pending]) -> bool:
         """Whether ``group`` may change ``LARGE_BATCH`` entries or more."""
