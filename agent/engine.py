@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -504,7 +504,7 @@ class Engine:
 
     def _apply_group(self, group: list[_Pending]) -> None:
         now = self.now_ms()
-        base = self.view.detached()
+        base = self.view.working()
         self._load_ordering(base, group)
         # One query for the group's ids: a lookup per request would cost a read transaction
         # each, on the one thread every request waits for.
@@ -612,9 +612,8 @@ class Engine:
         finally:
             wait([applying])
         self._large_batch_done |= changes >= LARGE_BATCH
-        final.last_issued = {}  # a per-group cache, loaded from the store each time
         with self._lock:
-            self.view = final  # the group's own copy: nothing else holds it
+            self.view.adopt(final)
             self._history.extend(events)
             if erasure is not None:
                 self._forget_history(erasure)
@@ -692,7 +691,7 @@ class Engine:
         upserts: list[Entry],
         removals: list[Entry],
         refreshed: set[EntryKey],
-        before: dict[EntryKey, Entry],
+        before: Mapping[EntryKey, Entry],
         now: int,
     ) -> None:
         restore = [before[e.key] for e in removals] + [before[k] for k in refreshed]
@@ -807,7 +806,7 @@ class Engine:
             decision = expire(self.view, now)
         if not decision.removals:
             return
-        final = self.view.detached()
+        final = self.view.working()
         first = final.state_version
         final.fold(decision)
         events, history_floor = newest_numbered([(decision.events, first)], self._keep)
@@ -827,7 +826,7 @@ class Engine:
         while self._deadlines and self._deadlines[0] <= now:
             heapq.heappop(self._deadlines)
         with self._lock:
-            self.view = final
+            self.view.adopt(final)
             self._history.extend(events)
         self.expiries += len(decision.events)
         self._announce()

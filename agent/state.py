@@ -8,9 +8,10 @@ engine passes ``now_ms`` and persists and applies what ``decide`` returns.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from agent.entry_changes import EntryChanges
 from agent.errors import FailedPrecondition, ResourceExhausted
 from agent.model import Address, AllowEntry, EntryKey
 
@@ -141,7 +142,7 @@ class Decision:
 class StateView:
     """The mutable working view the engine folds decisions into (entries, ordering memory)."""
 
-    entries: dict[EntryKey, Entry] = field(default_factory=dict)
+    entries: MutableMapping[EntryKey, Entry] = field(default_factory=dict)
     last_issued: dict[EntryKey, int] = field(default_factory=dict)
     last_sync_issued_at_ms: int = 0
     state_version: int = 0
@@ -164,6 +165,25 @@ class StateView:
             last_sync_issued_at_ms=self.last_sync_issued_at_ms,
             state_version=self.state_version,
         )
+
+    def working(self) -> StateView:
+        """A view to fold a group into: its changes kept over these entries, which stay as they
+        are until ``adopt`` takes the group in (no copy of them; see ``EntryChanges``)."""
+        return StateView(
+            entries=EntryChanges(self.entries),
+            last_sync_issued_at_ms=self.last_sync_issued_at_ms,
+            state_version=self.state_version,
+        )
+
+    def adopt(self, group: StateView) -> None:
+        """Take in a committed ``working`` view of this one: its entry changes and counters
+        (not its ordering cache, which is loaded for each group)."""
+        changes = group.entries
+        if not isinstance(changes, EntryChanges) or changes.base is not self.entries:
+            raise ValueError("only a working view of this view can be adopted")
+        changes.write_to(self.entries)
+        self.last_sync_issued_at_ms = group.last_sync_issued_at_ms
+        self.state_version = group.state_version
 
     def by_subject(self, subject: str, profile: str = "") -> list[Entry]:
         return [

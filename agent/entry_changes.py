@@ -1,0 +1,71 @@
+"""A group's working entries: its changes kept over the live entries, never a copy of them.
+
+Pure. Owns the overlay the engine folds a group's decisions into; it must never modify the
+entries it lies over: only ``write_to``, called once the group is committed, writes the changes
+in. Copying 100,000 entries for every group took about 1.4 ms of each lone Allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class EntryChanges(MutableMapping[K, V]):
+    """``base`` with changes over it: reads see the changes, ``base`` stays as it was.
+
+    Iteration follows ``base``'s order (a changed entry in its place, a removed one skipped),
+    then the keys ``base`` does not have, in the order they came. Nothing else may change
+    ``base`` while changes are kept over it.
+    """
+
+    __slots__ = ("_changed", "_removed", "_size", "base")
+
+    def __init__(self, base: Mapping[K, V]) -> None:
+        self.base = base
+        self._changed: dict[K, V] = {}
+        self._removed: set[K] = set()  # keys of ``base`` that are gone
+        self._size = len(base)
+
+    def __getitem__(self, key: K) -> V:
+        if key in self._changed:
+            return self._changed[key]
+        if key in self._removed:
+            raise KeyError(key)
+        return self.base[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._changed:
+            return True
+        return key not in self._removed and key in self.base
+
+    def __setitem__(self, key: K, value: V) -> None:
+        if key not in self:
+            self._size += 1
+        self._changed[key] = value
+        self._removed.discard(key)
+
+    def __delitem__(self, key: K) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._size -= 1
+        self._changed.pop(key, None)
+        if key in self.base:
+            self._removed.add(key)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[K]:
+        removed, base = self._removed, self.base
+        yield from (k for k in base if k not in removed)
+        yield from (k for k in self._changed if k not in base)
+
+    def write_to(self, target: MutableMapping[K, V]) -> None:
+        """Make ``target`` (``base`` itself, or an equal copy of it) hold what this holds."""
+        for key in self._removed:
+            del target[key]
+        target.update(self._changed)
