@@ -13,7 +13,6 @@ import contextlib
 import functools
 import gc
 import heapq
-import json
 import logging
 import queue
 import threading
@@ -22,13 +21,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
 from agent.gcpause import collector_paused
+from agent.group_records import commit_batch
 from agent.grouping import MAX_GROUP, linger_left
 from agent.model import Address, EntryKey
+from agent.outcome import Outcome
 from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
 from agent.rules.table import FirewallTable
@@ -37,7 +38,6 @@ from agent.state import (
     Command,
     Decision,
     Entry,
-    EntryResult,
     EraseCmd,
     Event,
     EventKind,
@@ -45,7 +45,6 @@ from agent.state import (
     RequestMeta,
     RevokeCmd,
     StateView,
-    Status,
     SyncCmd,
     decide,
     expire,
@@ -54,7 +53,6 @@ from agent.state import (
 from agent.state_records import (
     element_for,
     entries_from_rows,
-    event_audit,
     expiry_audit,
     from_stored,
     to_stored,
@@ -62,15 +60,11 @@ from agent.state_records import (
 )
 from agent.store import Store
 from agent.store_records import (
-    AuditRecord,
     CommitBatch,
     Erasure,
     IntentChange,
-    NewRequest,
-    OrderingMark,
     PendingIntent,
     RequestRecord,
-    StoredEntry,
 )
 
 log = logging.getLogger(__name__)
@@ -82,40 +76,6 @@ LARGE_BATCH = 10_000
 OVERLAP_BATCH = 1_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A request's answer: the protocol's ``ApplyResult``."""
-
-    request_id: str
-    results: tuple[EntryResult, ...]
-    state_version: int
-    erased_records: int = 0
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "r": self.request_id,
-                "v": self.state_version,
-                "e": self.erased_records,
-                "x": [
-                    [r.address, r.profile, int(r.status), r.expires_at_ms, r.reason]
-                    for r in self.results
-                ],
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    @staticmethod
-    def decode(data: bytes) -> Outcome:
-        d = json.loads(data)
-        return Outcome(
-            request_id=d["r"],
-            state_version=d["v"],
-            erased_records=d["e"],
-            results=tuple(EntryResult(a, p, Status(s), x, why) for a, p, s, x, why in d["x"]),
-        )
 
 
 Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
@@ -591,12 +551,22 @@ class Engine:
         try:
             erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
             erasure = self._erasure(erase, removals, now) if erase else None
-            batch = self._batch(
-                group,
-                stored_upserts=stored_upserts,
+            batch = commit_batch(
+                final,
+                [(p.cmd, d, o) for p, d, o in accepted],
+                now=now,
+                events=events,
+                history_floor=group.history_floor,
+                upserts=stored_upserts,
                 removals=removals,
-                erasure=erasure,
+                forget_window_ms=self.forget_window_ms,
                 intent_id=intent_id,
+                erasure=erasure,
+                erased_stored=(
+                    self.store.count_subject_records(erasure.subject, set(erasure.addresses))
+                    if erasure
+                    else 0
+                ),
             )
             erased = self.store.commit(batch, ready=applying.result)
         except AgentError:
@@ -641,41 +611,6 @@ class Engine:
             done.set_exception(exc)
         return done
 
-    def _batch(
-        self,
-        group: _Group,
-        *,
-        stored_upserts: tuple[StoredEntry, ...],
-        removals: list[Entry],
-        erasure: Erasure | None,
-        intent_id: str,
-    ) -> CommitBatch:
-        """The group's records, in one batch."""
-        final, accepted, now = group.final, group.accepted, group.now
-        requests = tuple(self._request_record(p.cmd, o) for p, _, o in accepted)
-        audit = tuple(a for p, d, _ in accepted for a in self._audit(p.cmd, d, now))
-        if erasure is not None:
-            requests = self._erase_results(accepted, requests, audit, erasure)
-        return CommitBatch(
-            state_version=final.state_version,
-            upserts=stored_upserts,
-            removals=tuple((e.key.profile, e.key.address.text) for e in removals),
-            requests=requests,
-            audit=audit,
-            ordering=tuple(
-                OrderingMark(k.profile, k.address.text, issued, self._forget_after(final, k, now))
-                for _, d, _ in accepted
-                for k, issued in d.ordering
-            ),
-            events=tuple(map(to_stored_event, group.events)),
-            history_floor=group.history_floor,
-            last_sync_issued_at_ms=next(
-                (d.sync_issued_at_ms for _, d, _ in accepted if d.sync_issued_at_ms), None
-            ),
-            intent_id=intent_id,
-            erase=erasure,
-        )
-
     def _release_memory(self) -> None:
         """After a large batch, on the first idle turn (its request and answer are gone by
         then): the store's page caches, unreachable cycles, and the C heap's free pages go
@@ -710,31 +645,6 @@ class Engine:
                 extra={"REASON": "store_refused"},
             )
 
-    def _erase_results(
-        self,
-        accepted: list[tuple[_Pending, Decision, Outcome]],
-        requests: tuple[NewRequest, ...],
-        audit: tuple[AuditRecord, ...],
-        erasure: Erasure,
-    ) -> tuple[NewRequest, ...]:
-        """``requests`` with each Erase's stored result (what a retry gets back) reduced to its
-        version and the number of records it erases: its entry results would name the erased
-        person's addresses. The count is the store's erasure of this very batch."""
-        names = set(erasure.addresses)
-        count = self.store.count_subject_records(erasure.subject, names)
-        count += sum(1 for a in audit if a.subject == erasure.subject or a.address in names)
-        count += sum(
-            1 for r in requests if erasure.subject in r.subjects or names.intersection(r.addresses)
-        )
-        reduced = []
-        for (p, _, o), request in zip(accepted, requests, strict=True):
-            if isinstance(p.cmd, EraseCmd):
-                result = Outcome(o.request_id, (), o.state_version, count).encode()
-                reduced.append(replace(request, record=replace(request.record, result=result)))
-            else:
-                reduced.append(request)
-        return tuple(reduced)
-
     def _forget_history(self, erasure: Erasure) -> None:
         """Cut the retained events up to the newest naming the erased subject or one of its
         addresses, as the store does (a watcher that had not seen them is told to resync)."""
@@ -752,48 +662,6 @@ class Engine:
         addresses = {e.key.address.text for e in removals if e.subject == subject}
         addresses |= self.store.addresses_of_subject(subject)
         return Erasure(subject, tuple(sorted(addresses)), now)
-
-    def _forget_after(self, view: StateView, key: EntryKey, now: int) -> int:
-        entry = view.entries.get(key)
-        until = max(now, entry.expires_at_ms if entry else now)
-        return until + self.forget_window_ms
-
-    def _request_record(self, cmd: Command, outcome: Outcome) -> NewRequest:
-        meta = cmd.meta
-        record = RequestRecord(
-            request_id=meta.request_id,
-            rpc=meta.rpc,
-            payload_digest=meta.payload_digest,
-            keep_until_ms=meta.expires_at_ms + self.forget_window_ms,
-            result=outcome.encode(),
-        )
-        if isinstance(cmd, EraseCmd):
-            return NewRequest(record)  # names nobody, so it survives its own erasure
-        subjects = {getattr(cmd, "subject", "")} | {a.subject for a in getattr(cmd, "entries", ())}
-        addresses = {r.address for r in outcome.results}
-        return NewRequest(record, tuple(s for s in subjects if s), tuple(addresses))
-
-    def _audit(self, cmd: Command, d: Decision, now: int) -> list[AuditRecord]:
-        meta = cmd.meta
-        if isinstance(cmd, EraseCmd):
-            return [
-                AuditRecord(
-                    now,
-                    "erase",
-                    "",
-                    "",
-                    "",
-                    meta.request_id,
-                    meta.caller,
-                    meta.keyid,
-                    f"{len(d.removals)} entries revoked",
-                )
-            ]
-        return [
-            event_audit(e, e.entry, now, meta.request_id, caller=meta.caller, keyid=meta.keyid)
-            for e in d.events
-            if e.entry is not None
-        ]
 
     # --- expiry ------------------------------------------------------------------------------
 

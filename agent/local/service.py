@@ -22,11 +22,12 @@ from typing import Any
 
 from agent import __version__, doctor
 from agent.config import AgentConfig, Profile
-from agent.engine import Engine, Outcome
+from agent.engine import Engine
 from agent.errors import AgentError, InvalidArgument
 from agent.local.access import Peer, authorize_history, local_request_id, local_ttl
 from agent.local.kernel_view import read_other_input_chains
 from agent.local.wire import LocalRequest, arg_int, arg_str, arg_strings
+from agent.outcome import Outcome
 from agent.policy import normalize_address
 from agent.rpc import convert
 from agent.rpc.pb import agent_pb2

@@ -20,9 +20,10 @@ from google.protobuf.message import DecodeError
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.engine import Engine, Outcome
+from agent.engine import Engine
 from agent.errors import AgentError, ResourceExhausted, Unauthenticated
 from agent.gcpause import collector_paused
+from agent.outcome import Outcome
 from agent.rpc import convert
 from agent.rpc.auth import CallerPolicy
 from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope

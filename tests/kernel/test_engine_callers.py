@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from tablekit import Rig
 
-from agent.engine import Engine, Outcome
+from agent.engine import Engine
 from agent.model import AllowEntry
+from agent.outcome import Outcome
 from agent.state import AllowCmd, Command, Limits, RequestMeta, StateView
 from agent.store import Store
 
