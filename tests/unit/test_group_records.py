@@ -6,6 +6,8 @@ counts what it erased and names nobody."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.group_records import Accepted, commit_batch
 from agent.model import Address, AllowEntry
 from agent.outcome import Outcome
@@ -19,7 +21,7 @@ from agent.state import (
     decide,
 )
 from agent.state_records import to_stored
-from agent.store_records import Erasure
+from agent.store_records import CommitBatch, Erasure
 
 NOW = 1_800_000_000_000
 WINDOW = 180_000
@@ -45,22 +47,27 @@ def accept(view: StateView, *commands: Command) -> list[Accepted]:
     return accepted
 
 
-def test_an_allow_records_its_request_audit_row_and_ordering_mark() -> None:
-    view = StateView().working()
-    accepted = accept(view, allow("req-00000001", "198.18.0.7", "alice"))
-    entry = view.entries[accepted[0][1].upserts[0].key]
-
-    batch = commit_batch(
+def batch_of(view: StateView, accepted: list[Accepted], **given: Any) -> CommitBatch:
+    """The group's batch, as the writer asks for it after its intent ``intent-1``."""
+    args: dict[str, Any] = {"upserts": (), "removals": (), **given}
+    return commit_batch(
         view,
         accepted,
         now=NOW,
         events=[],
         history_floor=0,
-        upserts=(to_stored(entry),),
-        removals=(),
         forget_window_ms=WINDOW,
         intent_id="intent-1",
+        **args,
     )
+
+
+def test_an_allow_records_its_request_audit_row_and_ordering_mark() -> None:
+    view = StateView().working()
+    accepted = accept(view, allow("req-00000001", "198.18.0.7", "alice"))
+    entry = view.entries[accepted[0][1].upserts[0].key]
+
+    batch = batch_of(view, accepted, upserts=(to_stored(entry),))
 
     (request,) = batch.requests
     assert request.record.request_id == "req-00000001"
@@ -86,16 +93,10 @@ def test_an_erase_answer_counts_the_records_it_erases_and_names_nobody() -> None
     )
     removed = accepted[2][1].removals
 
-    batch = commit_batch(
+    batch = batch_of(
         view,
         accepted,
-        now=NOW,
-        events=[],
-        history_floor=0,
-        upserts=(),
         removals=removed,
-        forget_window_ms=WINDOW,
-        intent_id="intent-2",
         erasure=Erasure("alice", ("198.18.0.7",), NOW),
         erased_stored=5,  # what the store already held about her
     )
