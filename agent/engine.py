@@ -551,6 +551,11 @@ class Engine:
         try:
             erase = next((d.erase_subject for _, d, _ in accepted if d.erase_subject), None)
             erasure = self._erasure(erase, removals, now) if erase else None
+            erased_stored = (
+                self.store.count_subject_records(erasure.subject, set(erasure.addresses))
+                if erasure
+                else 0
+            )
             batch = commit_batch(
                 final,
                 [(p.cmd, d, o) for p, d, o in accepted],
@@ -562,11 +567,7 @@ class Engine:
                 forget_window_ms=self.forget_window_ms,
                 intent_id=intent_id,
                 erasure=erasure,
-                erased_stored=(
-                    self.store.count_subject_records(erasure.subject, set(erasure.addresses))
-                    if erasure
-                    else 0
-                ),
+                erased_stored=erased_stored,
             )
             erased = self.store.commit(batch, ready=applying.result)
         except AgentError:
