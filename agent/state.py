@@ -140,7 +140,8 @@ class Decision:
 
 @dataclass(slots=True)
 class StateView:
-    """The mutable working view the engine folds decisions into (entries, ordering memory)."""
+    """A mutable view of the allow state (entries, ordering memory): the engine's live one, or
+    a group's ``working`` view over it that the decisions are folded into."""
 
     entries: MutableMapping[EntryKey, Entry] = field(default_factory=dict)
     last_issued: dict[EntryKey, int] = field(default_factory=dict)
