@@ -273,15 +273,12 @@ _UPSERT_ENTRY = (
 )
 _DELETE_ENTRY = "DELETE FROM entries WHERE profile = ? AND address = ?"
 _INSERT_REQUEST = (
-    "INSERT INTO requests (request_id, rpc, payload_digest, keep_until_ms, result) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO requests (request_id, rpc, payload_digest, keep_until_ms, result, names) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 _SELECT_REQUESTS = (
     "SELECT request_id, rpc, payload_digest, keep_until_ms, result FROM requests "
     "WHERE request_id IN (SELECT value FROM json_each(?))"
-)
-_INSERT_REQUEST_NAME = (
-    "INSERT OR IGNORE INTO request_names (request_id, kind, value) VALUES (?, ?, ?)"
 )
 _INSERT_AUDIT = (
     "INSERT INTO audit "
@@ -319,14 +316,19 @@ _ERASE_AUDIT = (
 _COUNT_NAMED_AUDIT = (
     "SELECT count(*) FROM audit WHERE subject = ?1 OR address IN (SELECT value FROM json_each(?2))"
 )
+# A request's names (see store_schema v3): a scan of the requests still kept, which are the
+# last minutes' only. The two queries share their condition word for word.
 _NAMED_REQUESTS = (
-    "SELECT DISTINCT request_id FROM request_names WHERE (kind = 'subject' AND value = ?1) "
-    "OR (kind = 'address' AND value IN (SELECT value FROM json_each(?2)))"
+    "SELECT request_id FROM requests WHERE names IS NOT NULL AND ("
+    "EXISTS (SELECT 1 FROM json_each(names, '$.subjects') WHERE value = ?1) OR "
+    "EXISTS (SELECT 1 FROM json_each(names, '$.addresses') "
+    "WHERE value IN (SELECT value FROM json_each(?2))))"
 )
 _COUNT_NAMED_REQUESTS = (
-    "SELECT count(DISTINCT request_id) FROM request_names "
-    "WHERE (kind = 'subject' AND value = ?1) "
-    "OR (kind = 'address' AND value IN (SELECT value FROM json_each(?2)))"
+    "SELECT count(*) FROM requests WHERE names IS NOT NULL AND ("
+    "EXISTS (SELECT 1 FROM json_each(names, '$.subjects') WHERE value = ?1) OR "
+    "EXISTS (SELECT 1 FROM json_each(names, '$.addresses') "
+    "WHERE value IN (SELECT value FROM json_each(?2))))"
 )
 _NEWEST_NAMED_EVENT = (
     "SELECT max(state_version) FROM events "
@@ -372,14 +374,15 @@ def _intent_op(text: str) -> IntentOp:
     raise RecordError(f"unknown intent op {text!r} (known: {sorted(INTENT_OPS)})")
 
 
-def _name_rows(requests: Iterable[NewRequest]) -> Iterator[tuple[str, str, str]]:
-    for req in requests:
-        rid = req.record.request_id
-        for subject in req.subjects:
-            if subject:
-                yield (rid, "subject", subject)
-        for address in req.addresses:
-            yield (rid, "address", address)
+def _request_row(req: NewRequest) -> tuple[str, str, bytes, int, bytes | None, str | None]:
+    r = req.record
+    subjects = [s for s in req.subjects if s]
+    names = (
+        json.dumps({"subjects": subjects, "addresses": list(req.addresses)}, separators=(",", ":"))
+        if subjects or req.addresses
+        else None
+    )
+    return (r.request_id, r.rpc, r.payload_digest, r.keep_until_ms, r.result, names)
 
 
 def _meta(conn: sqlite3.Connection, key: str) -> int | None:
@@ -409,14 +412,13 @@ def _erase(conn: sqlite3.Connection, erasure: Erasure) -> int:
     params = (erasure.subject, json.dumps(sorted(set(erasure.addresses))))
     audit = conn.execute(_ERASE_AUDIT, params).rowcount
     named = [(rid,) for (rid,) in conn.execute(_NAMED_REQUESTS, params)]
-    # Past its window a request needs no replay protection: delete it (names cascade). Inside
-    # it, keep only what recognises a replay: id, rpc, digest and how long to keep them.
+    # Past its window a request needs no replay protection: delete it. Inside it, keep only
+    # what recognises a replay: id, rpc, digest and how long to keep them.
     conn.executemany(
         "DELETE FROM requests WHERE request_id = ? AND keep_until_ms <= ?",
         ((rid, erasure.now_ms) for (rid,) in named),
     )
-    conn.executemany("UPDATE requests SET result = NULL WHERE request_id = ?", named)
-    conn.executemany("DELETE FROM request_names WHERE request_id = ?", named)
+    conn.executemany("UPDATE requests SET result = NULL, names = NULL WHERE request_id = ?", named)
     newest = conn.execute(_NEWEST_NAMED_EVENT, params).fetchone()[0]
     if newest is not None:
         _cut_events(conn, int(newest))
@@ -747,14 +749,7 @@ class Store:
     def _write_batch(conn: sqlite3.Connection, batch: CommitBatch) -> None:
         conn.executemany(_DELETE_ENTRY, batch.removals)
         conn.executemany(_UPSERT_ENTRY, (_entry_row(e) for e in batch.upserts))
-        conn.executemany(
-            _INSERT_REQUEST,
-            (
-                (r.request_id, r.rpc, r.payload_digest, r.keep_until_ms, r.result)
-                for r in (req.record for req in batch.requests)
-            ),
-        )
-        conn.executemany(_INSERT_REQUEST_NAME, _name_rows(batch.requests))
+        conn.executemany(_INSERT_REQUEST, map(_request_row, batch.requests))
         conn.executemany(
             _INSERT_AUDIT,
             (

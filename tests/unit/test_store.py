@@ -256,6 +256,47 @@ def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
         )
 
 
+def test_a_v2_store_keeps_what_its_requests_name_through_v3(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:2])
+    Store.open(db).close()
+    raw = sqlite3.connect(db)
+    with raw:
+        for rid in ("req-alice000", "req-address0", "req-nobody00"):
+            raw.execute(
+                "INSERT INTO requests (request_id, rpc, payload_digest, keep_until_ms, result) "
+                "VALUES (?, 'Allow', x'01', ?, x'02')",
+                (rid, T0 + 60_000),
+            )
+        raw.executemany(
+            "INSERT INTO request_names VALUES (?, ?, ?)",
+            (
+                ("req-alice000", "subject", "alice"),
+                ("req-alice000", "address", ALICE_A),
+                ("req-address0", "address", ALICE_B),
+            ),
+        )
+    raw.close()
+    monkeypatch.undo()
+    with Store.open(db) as s:
+        assert s.count_subject_records("alice", [ALICE_B]) == 2
+        assert s.count_subject_records("bob", [BOB]) == 0
+        assert s.erase_subject("alice", [ALICE_B], T0) == 2
+        assert s.lookup_request("req-nobody00") is not None
+        assert s.lookup_request("req-nobody00").result == b"\x02"  # type: ignore[union-attr]
+        assert s.lookup_request("req-alice000").result is None  # type: ignore[union-attr]
+    raw = sqlite3.connect(db)
+    try:
+        tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_schema")}
+        assert "request_names" not in tables
+        assert raw.execute("SELECT count(*) FROM requests WHERE names IS NOT NULL").fetchone() == (
+            0,
+        )
+    finally:
+        raw.close()
+
+
 def test_a_failing_migration_changes_nothing(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Store.open(db).close()
 
