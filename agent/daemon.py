@@ -191,9 +191,9 @@ class Daemon:
                 "cannot use the state database: %s", exc.message, extra={"REASON": exc.reason}
             )
             return EXIT_STORE_UNUSABLE
-        self.table = FirewallTable(cfg.firewall, NftAdapter())
         # Listening before the first read-back, so no change made meanwhile goes unseen.
         self.monitor = NftMonitor(cfg.firewall.table)
+        self.table = FirewallTable(cfg.firewall, NftAdapter(), quiet=self.monitor.not_listening)
         self.engine = self._make_engine(cfg)
         self.engine.load()
         if self.recovered_store is not None:

@@ -9,19 +9,26 @@ process (thread id) that committed it. Each message is therefore folded into a s
 generation as it arrives (nothing is kept), and at the ``NEWGEN`` the summary is reported as a
 ``Touch`` of the agent's table, or dropped when the committer is a thread of this process. That
 NEWGEN's header also names the committing socket's port, so from the agent's first own
-transaction on, its later notifications are dropped unread: a 100,000-element Sync costs one
-receive and one header read per element. If the socket overflowed (ENOBUFS), what was lost is
-unknown and the touch says so.
+transaction on, its later notifications are dropped unread. If the socket overflowed (ENOBUFS),
+what was lost is unknown and the touch says so.
+
+Even dropped unread, notifications cost: while anyone listens, the kernel builds one per element
+of every commit, in the committer's time, and this process receives each (a 100,000-element
+Sync paid about 0.7 s for news of itself). ``not_listening`` therefore leaves the group around
+one large transaction of the agent's own, and proves afterwards from the ruleset generation that
+nobody else committed meanwhile; if anyone may have, the next ``wait`` reports ``lost``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import select
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFPROTO_INET = 1
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
@@ -116,11 +124,21 @@ def messages(data: bytes) -> Iterator[tuple[int, int, int]]:
         pos += (length + 3) & ~3
 
 
-def generation_pid(data: bytes, start: int, end: int) -> int:
+def _generation_attr(data: bytes, start: int, end: int, attr: int) -> int:
     for kind, value in _attrs(data, start + _HEADER_LEN, end):
-        if kind == _GEN_PID and len(value) >= 4:
+        if kind == attr and len(value) >= 4:
             return int(struct.unpack("!I", value[:4])[0])
     return 0
+
+
+def generation_pid(data: bytes, start: int, end: int) -> int:
+    """The committing thread a ``NEWGEN`` message names."""
+    return _generation_attr(data, start, end, _GEN_PID)
+
+
+def generation_id(data: bytes, start: int, end: int) -> int:
+    """The generation a ``NEWGEN`` message announces."""
+    return _generation_attr(data, start, end, _GEN_ID)
 
 
 @dataclass(slots=True)
@@ -169,6 +187,13 @@ class NftMonitor:
     # headers): their notifications are dropped on arrival instead of kept until the NEWGEN.
     _own_ports: set[int] = field(init=False, default_factory=set)
     _buffer: bytearray = field(init=False, default_factory=lambda: bytearray(1 << 20))
+    # The newest generation whose notifications were all read (a NEWGEN comes last), or the
+    # generation when listening began; None if unknown.
+    _generation: int | None = field(init=False, default=None)
+    # What ``not_listening`` found for the waiter, and the pipe that wakes it to collect it.
+    _pending: Touch = field(init=False, default_factory=Touch)
+    _alarm: tuple[int, int] = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._summary = GenerationSummary(self.table)
@@ -180,12 +205,61 @@ class NftMonitor:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             self.sock.bind((0, 0))
             self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            self._generation = _generation_or_none()
+            self._alarm = os.pipe()
         except BaseException:
             self.sock.close()
             raise
 
     def close(self) -> None:
-        self.sock.close()
+        with self._lock:
+            self.sock.close()
+            for fd in self._alarm:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def not_listening(self) -> Iterator[None]:
+        """Leave the notification group around ONE transaction of the agent's own.
+
+        Before leaving, everything already queued is read (netlink queues a multicast message
+        at send time, so nothing sent before the drop is still on its way). After rejoining,
+        the generation must be the last one fully read plus the block's own commit (one if it
+        returned, none if it raised); anything else means a commit went unheard, possibly a
+        foreign one only part of which was read, and the next ``wait`` reports ``lost``. Once
+        the monitor is closed (the daemon is stopping) the block simply runs.
+        """
+        left = self._leave()
+        committed = 0
+        try:
+            yield
+            committed = 1
+        finally:
+            if left is not None:
+                self._rejoin(*left, committed)
+
+    def _leave(self) -> tuple[Touch, int | None] | None:
+        """Drop the membership; (what was still queued, the last generation fully heard)."""
+        with self._lock:
+            if self.sock.fileno() < 0:
+                return None
+            touch = self._drain()
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+            return touch.merge(self._drain()), self._generation
+
+    def _rejoin(self, touch: Touch, heard: int | None, committed: int) -> None:
+        with self._lock:
+            if self.sock.fileno() < 0:
+                return
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            # A generation cut off at the drop must not be folded into the next one.
+            self._summary = GenerationSummary(self.table)
+            now = _generation_or_none()
+            if heard is None or now != heard + committed:
+                touch = touch.merge(Touch(lost=True))
+            self._generation = now
+            if not touch.empty:
+                self._pending = self._pending.merge(touch)
+                os.write(self._alarm[1], b"!")
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -196,17 +270,27 @@ class NftMonitor:
         Returns as soon as a foreign generation (or an overflow) was seen and nothing more is
         queued, when ``wake_fd`` becomes readable, or with an empty ``Touch`` at the timeout.
         """
-        touch = Touch()
-        wait = timeout
-        own = self.sock.fileno()
-        fds = [own] if wake_fd is None else [own, wake_fd]
+        touch = self._take_pending()
+        wait = 0.0 if not touch.empty else timeout
+        own, alarm = self.sock.fileno(), self._alarm[0]
+        fds = [own, alarm] if wake_fd is None else [own, alarm, wake_fd]
         while True:
             ready, _, _ = select.select(fds, [], [], wait)
-            if own not in ready:
+            if alarm in ready:
+                os.read(alarm, 4096)
+                touch = touch.merge(self._take_pending())
+            if own in ready:
+                with self._lock:
+                    touch = touch.merge(self._drain())
+            elif alarm not in ready:
                 return touch
-            touch = touch.merge(self._drain())
             # Keep draining what is already queued (a burst of commits) before reporting.
             wait = 0.0 if not touch.empty else timeout
+
+    def _take_pending(self) -> Touch:
+        with self._lock:
+            touch, self._pending = self._pending, Touch()
+        return touch
 
     def _drain(self) -> Touch:
         touch = Touch()
@@ -231,6 +315,7 @@ class NftMonitor:
                 if kind != NFT_MSG_NEWGEN:
                     self._summary.add(data, kind, start, end)
                     continue
+                self._generation = generation_id(data, start, end)
                 if self.is_own(generation_pid(data, start, end)):
                     self._own_ports.add(_NLMSGHDR.unpack_from(data, start)[4])
                 else:
@@ -296,6 +381,13 @@ def ruleset_fingerprint() -> int:
     netns = os.stat("/proc/thread-self/ns/net").st_ino
     digest = hashlib.blake2b(f"{boot}:{netns}:{generation()}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def _generation_or_none() -> int | None:
+    try:
+        return generation()
+    except OSError:
+        return None
 
 
 def generation() -> int:

@@ -33,9 +33,11 @@ Kernel failure modes and how each is met (RULESET.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Collection, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,9 @@ from agent.rules.readback import (
 )
 
 MAX_ATTEMPTS = 4
+# From this many elements on, a batch is sent inside the ``quiet`` scope the table was given
+# (the daemon's: its notification listener leaves the group, see ``NftMonitor.not_listening``).
+QUIET_BATCH = 1_000
 # Listings of one set before a torn read-back is an error. A resize of a set's hash table takes
 # a few ms and one listing of a large set far longer, so a second read is whole in practice.
 READ_ATTEMPTS = 5
@@ -91,9 +96,16 @@ class AppliedPlan:
 
 
 class FirewallTable:
-    def __init__(self, cfg: FirewallConfig, nft: NftAdapter) -> None:
+    def __init__(
+        self,
+        cfg: FirewallConfig,
+        nft: NftAdapter,
+        *,
+        quiet: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> None:
         self.cfg = cfg
         self.nft = nft
+        self.quiet = quiet  # entered around each batch of QUIET_BATCH elements or more
         self.features: Features | None = None
 
     # --- structure --------------------------------------------------------------------------
@@ -302,7 +314,13 @@ class FirewallTable:
         batch = render.encode_element_batch(
             self.cfg.table, deletes=plan.deletes, creates=plan.creates, destroy=destroy
         ).encode()
-        self.nft.apply(batch)
+        self._apply_elements(batch, plan)
+
+    def _apply_elements(self, batch: str | bytes, plan: ElementPlan) -> None:
+        """One batch changing ``plan``'s elements (and maybe more), in the quiet scope if big."""
+        big = len(plan.deletes) + len(plan.creates) >= QUIET_BATCH
+        with self.quiet() if big else contextlib.nullcontext():
+            self.nft.apply(batch)
 
     # --- lifecycle (reconcile) ----------------------------------------------------------------
 
@@ -333,7 +351,7 @@ class FirewallTable:
         if not (structure.startswith(head) and elements.startswith(head)):
             raise AssertionError("unexpected batch encoding")  # pragma: no cover
         try:
-            self.nft.apply((structure[:-2] + "," + elements[len(head) :]).encode())
+            self._apply_elements((structure[:-2] + "," + elements[len(head) :]).encode(), plan)
         except ElementConflict:
             self.nft.apply(structure)
             self.apply(upserts, removals)

@@ -7,7 +7,9 @@ and that installing the structure again keeps every entry.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import Iterator
 
 import pytest
 from netlab import ADDR, Lab, wait_until
@@ -16,6 +18,7 @@ from tablekit import OTHER_TABLE, TABLE, Rig, open_rig
 from agent.model import Address, Element, EntryKey
 from agent.policy import normalize_address
 from agent.rules.render import element_comment
+from agent.rules.table import QUIET_BATCH
 
 # --- refresh -----------------------------------------------------------------------------------
 
@@ -218,3 +221,24 @@ def test_read_back_right_after_a_large_batch_sees_every_element(lab: Lab) -> Non
         rig.table.apply(elements, present=set())
 
         assert len(rig.table.read_elements()) == len(elements)
+
+
+def test_batches_of_quiet_batch_elements_or_more_are_sent_in_the_quiet_scope(rig: Rig) -> None:
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def quiet() -> Iterator[None]:
+        before = len(rig.table.read_elements())
+        yield
+        entered.append(len(rig.table.read_elements()) - before)  # what the block changed
+
+    rig.table.quiet = quiet
+    small = _many(rig, "198.18.128.0", QUIET_BATCH - 1, "req-small")
+    big = _many(rig, "198.18.160.0", QUIET_BATCH, "req-big")
+
+    rig.table.apply(small, present=set())
+    assert entered == []
+    rig.table.apply(big, present=set())
+    assert entered == [QUIET_BATCH]
+    rig.table.apply((), [e.key for e in big], present={e.key for e in big})
+    assert entered == [QUIET_BATCH, -QUIET_BATCH]
