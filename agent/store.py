@@ -432,6 +432,7 @@ class Store:
         self._path = path
         self._writer: sqlite3.Connection | None = writer
         self._write_lock = threading.Lock()
+        self._busy_timeout_s = busy_timeout_s
         self._readers = _ReaderPool(path, busy_timeout_s)
 
     @classmethod
@@ -536,11 +537,24 @@ class Store:
     # ----- reads ------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
-        """Give back the page caches (after a large batch filled the writer's): idle again, the
-        agent needs a few pages, not tens of megabytes."""
+        """Give back what a large batch left behind: idle again, the agent needs a few pages,
+        not tens of megabytes.
+
+        The writer connection is replaced by a fresh one: besides its page cache, each of its
+        prepared statements keeps a copy of the values last bound to it until it runs again (a
+        100,000-entry Sync's request row binds megabytes of result and names). If a fresh one
+        cannot be opened, the old one is kept with its cache shrunk.
+        """
         with self._write_lock:
             if self._writer is not None:
-                self._writer.execute("PRAGMA shrink_memory")
+                try:
+                    fresh = _connect(self._path, self._busy_timeout_s)
+                    _configure_writer(fresh, self._path)
+                except (sqlite3.Error, StoreError):
+                    self._writer.execute("PRAGMA shrink_memory")
+                else:
+                    self._writer.close()
+                    self._writer = fresh
         self._readers.shrink()
 
     def entry_rows(self) -> list[_EntryRow]:

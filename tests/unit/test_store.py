@@ -417,7 +417,14 @@ def test_a_batch_waits_for_ready_and_a_refusal_there_writes_nothing(store: Store
 def test_releasing_memory_keeps_the_store_working(store: Store) -> None:
     store.commit(CommitBatch(state_version=1, upserts=(entry(1),)))
     assert store.lookup_request("none") is None  # a reader connection is pooled
+    writer = store._writer
     store.release_memory()
+    # A fresh writer (statements that held a large batch's values are gone), set up as the
+    # first one was: durable, zeroing deleted rows, checking references.
+    assert store._writer is not writer
+    assert store._writer is not None
+    for pragma, value in (("synchronous", 2), ("secure_delete", 1), ("foreign_keys", 1)):
+        assert store._writer.execute(f"PRAGMA {pragma}").fetchone() == (value,)
     store.commit(CommitBatch(state_version=2, upserts=(entry(2),)))
     assert store.load_entries() == [entry(1), entry(2)]
 
