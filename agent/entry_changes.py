@@ -37,6 +37,15 @@ class EntryChanges(MutableMapping[K, V]):
             raise KeyError(key)
         return self.base[key]
 
+    def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
+        # Mapping.get goes through __getitem__ and a raised KeyError; a decision asks for every
+        # entry of a Sync, often for one that is not there.
+        if key in self._changed:
+            return self._changed[key]
+        if key in self._removed:
+            return default
+        return self.base.get(key, default)
+
     def __contains__(self, key: object) -> bool:
         if key in self._changed:
             return True

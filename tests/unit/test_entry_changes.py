@@ -38,6 +38,7 @@ def test_reads_see_what_a_copy_would_hold_and_the_base_is_untouched(
     assert len(changes) == len(copy)
     assert all((k in changes) == (k in copy) for k in range(13))
     assert [changes.get(k) for k in range(13)] == [copy.get(k) for k in range(13)]
+    assert [changes.get(k, -1) for k in range(13)] == [copy.get(k, -1) for k in range(13)]
     assert base == original
 
 
