@@ -197,9 +197,10 @@ class Engine:
         self.cut_flows = cut_flows
         self.view = StateView()
         self._queue: queue.SimpleQueue[_Pending | _Task | None] = queue.SimpleQueue()
-        # Expiry times of entries (stale ones included): the idle tick scans the view only
-        # when the earliest has passed, so 100,000 idle entries cost nothing per tick.
-        self._deadlines: list[int] = []
+        # (expiry time, key) of every entry, stale ones (refreshed or removed since) included:
+        # an expiry looks only at the keys whose time has come, so 100,000 entries cost
+        # nothing per tick and an expiry costs its own entries, not a walk over all of them.
+        self._deadlines: list[tuple[int, EntryKey]] = []
         self._thread: threading.Thread | None = None
         self._keep = history  # events retained: the history's length, and a group's numbering
         self._history: deque[Event] = deque(maxlen=history)
@@ -298,7 +299,7 @@ class Engine:
         return self.view.state_version
 
     def _reset_deadlines(self) -> None:
-        self._deadlines = [e.expires_at_ms for e in self.view.entries.values()]
+        self._deadlines = [(e.expires_at_ms, e.key) for e in self.view.entries.values()]
         heapq.heapify(self._deadlines)
 
     @property
@@ -589,7 +590,7 @@ class Engine:
             if erasure is not None:
                 self._forget_history(erasure)
         for e in upserts:
-            heapq.heappush(self._deadlines, e.expires_at_ms)
+            heapq.heappush(self._deadlines, (e.expires_at_ms, e.key))
         self._announce()
         for p, d, o in accepted:
             p.changed = len(d.upserts) + len(d.removals)
@@ -669,12 +670,15 @@ class Engine:
     def _expire(self) -> None:
         """Turn entries the kernel has stopped matching into EXPIRED events and state changes."""
         now = self.now_ms()
-        if not self._deadlines or self._deadlines[0] > now:
+        due: list[tuple[int, EntryKey]] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due.append(heapq.heappop(self._deadlines))
+        if not due:
             return
         with self._lock:
-            decision = expire(self.view, now)
+            decision = expire(self.view, now, dict.fromkeys(key for _, key in due))
         if not decision.removals:
-            return
+            return  # every one was stale: refreshed or removed since
         final = self.view.working()
         first = final.state_version
         final.fold(decision)
@@ -691,9 +695,9 @@ class Engine:
             )
         except AgentError:
             log.exception("could not record expiries; will retry")
+            for item in due:
+                heapq.heappush(self._deadlines, item)
             return
-        while self._deadlines and self._deadlines[0] <= now:
-            heapq.heappop(self._deadlines)
         with self._lock:
             self.view.adopt(final)
             self._history.extend(events)

@@ -436,9 +436,16 @@ def decide(
     return decide_erase(view, cmd, now_ms)
 
 
-def expire(view: StateView, now_ms: int) -> Decision:
-    """Entries whose time has passed: the kernel already stopped matching them."""
-    gone = [e for e in view.entries.values() if e.expires_at_ms <= now_ms]
+def expire(view: StateView, now_ms: int, keys: Iterable[EntryKey] | None = None) -> Decision:
+    """Entries whose time has passed: the kernel already stopped matching them.
+
+    ``keys``: look only at these (in this order), not at every entry; absent ones are skipped.
+    """
+    if keys is None:
+        candidates: Iterable[Entry] = view.entries.values()
+    else:
+        candidates = (e for e in map(view.entries.get, keys) if e is not None)
+    gone = [e for e in candidates if e.expires_at_ms <= now_ms]
     return Decision(
         removals=tuple(gone),
         events=tuple(Event(EventKind.EXPIRED, now_ms, e) for e in gone),
