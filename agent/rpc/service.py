@@ -263,19 +263,20 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     def _state(self, s: Settings) -> agent_pb2.AgentState:
         entries, version = self.engine.snapshot()
         h = self.health()
-        return agent_pb2.AgentState(
+        state = agent_pb2.AgentState(
             agent_id=s.config.agent_id,
             version=__version__,
             started_at_unix_ms=self.started_at_ms,
             now_unix_ms=int(self.clock() * 1000),
             state_version=version,
-            entries=[convert.entry_message(e) for e in sorted(entries, key=lambda e: e.key)],
             ruleset_in_sync=h.in_sync,
             last_verified_at_unix_ms=h.last_verified_at_ms,
             drift_repairs=h.drift_repairs,
             trusted_keyids=sorted(s.trust.trusted_keys),
             profiles=list(s.config.profile_names),
         )
+        convert.add_entries(sorted(entries, key=lambda e: e.key), state.entries)
+        return state
 
     async def WatchEvents(
         self, request: agent_pb2.WatchEventsRequest, context: Context
