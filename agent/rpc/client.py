@@ -8,7 +8,7 @@ as ``AgentCallError`` carrying the gRPC code and the agent's reason word.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +44,15 @@ class Entry:
     subject: str = ""
     profile: str = ""
 
-    def message(self) -> agent_pb2.AllowEntry:
-        return agent_pb2.AllowEntry(
-            address=self.address,
-            ttl_seconds=self.ttl_seconds,
-            subject=self.subject,
-            profile=self.profile,
-        )
+
+def _add_entries(
+    msg: agent_pb2.AllowRequest | agent_pb2.SyncRequest, entries: Iterable[Entry]
+) -> None:
+    # In place: a message per entry copied in afterwards took 2.6 times as long (100,000 of
+    # them are a big Sync's request).
+    add = msg.entries.add
+    for e in entries:
+        add(address=e.address, ttl_seconds=e.ttl_seconds, subject=e.subject, profile=e.profile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +124,8 @@ class AgentClient:
     def envelope_allow(
         self, entries: Sequence[Entry], request_id: str | None = None
     ) -> agent_pb2.SignedEnvelope:
-        msg = agent_pb2.AllowRequest(
-            header=self._header(request_id), entries=[e.message() for e in entries]
-        )
+        msg = agent_pb2.AllowRequest(header=self._header(request_id))
+        _add_entries(msg, entries)
         return sign_envelope(msg, self.identity.signing_key, self.identity.keyid)
 
     def envelope_revoke(
@@ -145,9 +146,8 @@ class AgentClient:
     def envelope_sync(
         self, entries: Sequence[Entry], request_id: str | None = None
     ) -> agent_pb2.SignedEnvelope:
-        msg = agent_pb2.SyncRequest(
-            header=self._header(request_id), entries=[e.message() for e in entries]
-        )
+        msg = agent_pb2.SyncRequest(header=self._header(request_id))
+        _add_entries(msg, entries)
         return sign_envelope(msg, self.identity.signing_key, self.identity.keyid)
 
     def envelope_erase(
