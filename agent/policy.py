@@ -6,8 +6,10 @@ reason word. No I/O and no knowledge of where the text came from.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,19 +30,36 @@ TEST_RANGES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _v4_ranges(nets: Iterable[str]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for text in nets:
-        net = ipaddress.IPv4Network(text)
-        out.append((int(net.network_address), int(net.broadcast_address)))
-    return tuple(out)
+@dataclass(frozen=True, slots=True)
+class _V4Blocks:
+    """IPv4 blocks as sorted, merged (first, last) integer bounds, for a bisect lookup."""
+
+    firsts: tuple[int, ...]
+    lasts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, nets: Iterable[str]) -> _V4Blocks:
+        merged: list[list[int]] = []
+        for first, last in sorted(
+            (int(n.network_address), int(n.broadcast_address))
+            for n in map(ipaddress.IPv4Network, nets)
+        ):
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+        return cls(tuple(f for f, _ in merged), tuple(last for _, last in merged))
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self.firsts, n) - 1
+        return i >= 0 and n <= self.lasts[i]
 
 
 # The IPv4 fast path (``_fast_ipv4``) answers only for addresses outside every block that
 # ``ipaddress`` might judge non-global (IANA's special-purpose registry, multicast, reserved,
 # with margin: 192.0.0.0/24 whole, 6to4 relays); anything inside one takes the exact slow path.
 # Deferring too much only costs time, so this list may be a superset, never a subset.
-_V4_SPECIAL = _v4_ranges(
+_V4_SPECIAL = _V4Blocks.of(
     (
         "0.0.0.0/8",
         "10.0.0.0/8",
@@ -61,27 +80,21 @@ _V4_SPECIAL = _v4_ranges(
         "224.0.0.0/3",
     )
 )
-_V4_TEST = _v4_ranges(str(r) for r in TEST_RANGES if r.version == 4)
-
-
-def _v4_int(m: re.Match[str]) -> int:
-    a, b, c, d = m.groups()
-    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+_V4_TEST = _V4Blocks.of(str(r) for r in TEST_RANGES if r.version == 4)
 
 
 def _fast_ipv4(text: str, policy: AddressPolicy) -> Address | None:
     """The normal form of a plainly global (or permitted test-range) IPv4 address written in
     normal form, as ``a.b.c.d`` or ``a.b.c.d/32``; ``None`` sends ``text`` the slow way."""
     bare = text[:-3] if text.endswith("/32") else text
-    m = IPV4_NORMAL.fullmatch(bare)
-    if m is None:
+    if IPV4_NORMAL.fullmatch(bare) is None:
         return None
-    n = _v4_int(m)
-    if policy.permit_test_ranges and any(lo <= n <= hi for lo, hi in _V4_TEST):
+    n = int.from_bytes(socket.inet_aton(bare), "big")  # the normal form just matched
+    if policy.permit_test_ranges and n in _V4_TEST:
         return Address.trusted(bare)
-    if any(lo <= n <= hi for lo, hi in _V4_SPECIAL):
+    if n in _V4_SPECIAL:
         return None
-    return Address.trusted(bare)  # IPV4_NORMAL just matched it
+    return Address.trusted(bare)
 
 
 _DECIMAL = re.compile(r"[0-9]+")

@@ -459,8 +459,9 @@ def _ipv4_probes() -> list[str]:
     """Both edges of every special block, one address either side of each, and a spread of
     ordinary addresses, each bare and as /32, plus spellings the fast path must not take."""
     ints: set[int] = {0, 1, 2**32 - 2, 2**32 - 1}
-    for lo, hi in policy_module._V4_SPECIAL + policy_module._V4_TEST:
-        ints |= {lo - 1, lo, lo + 1, hi - 1, hi, hi + 1}
+    for blocks in (policy_module._V4_SPECIAL, policy_module._V4_TEST):
+        for lo, hi in zip(blocks.firsts, blocks.lasts, strict=True):
+            ints |= {lo - 1, lo, lo + 1, hi - 1, hi, hi + 1}
     rng = random.Random(4)
     ints |= {rng.randrange(2**32) for _ in range(20_000)}
     texts = [str(ipaddress.IPv4Address(n)) for n in sorted(ints) if 0 <= n < 2**32]
