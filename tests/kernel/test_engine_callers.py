@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from tablekit import Rig
@@ -16,8 +15,7 @@ from tablekit import Rig
 from agent.engine import Engine
 from agent.model import AllowEntry
 from agent.outcome import Outcome
-from agent.state import AllowCmd, Command, Limits, RequestMeta, StateView
-from agent.store import Store
+from agent.state import AllowCmd, Command, RequestMeta, StateView
 
 
 def allow(rig: Rig, n: int) -> AllowCmd:
@@ -50,21 +48,8 @@ class HeldWriter:
 
 
 @pytest.fixture
-def engine(rig: Rig, tmp_path: Path) -> Iterator[Engine]:
-    store = Store.open(tmp_path / "state.db")
-    engine = Engine(
-        store=store,
-        table=rig.table,
-        limits=Limits(max_entries=1000, set_size={4: 1000, 6: 1000}),
-        profiles=("agent",),
-        forget_window_ms=180_000,
-        cut_flows=lambda addresses: None,
-    )
-    engine.load()
-    engine.start()
-    yield engine
-    engine.stop()
-    store.close()
+def engine(make_engine: Callable[..., Engine]) -> Engine:
+    return make_engine()
 
 
 def in_set(rig: Rig) -> set[str]:

@@ -4,8 +4,7 @@ namespace, the real store in a file, the writer's clock in the test's hand."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import pytest
 from tablekit import Rig
@@ -13,8 +12,7 @@ from tablekit import Rig
 import agent.engine
 from agent.engine import Engine
 from agent.model import AllowEntry, EntryKey
-from agent.state import AllowCmd, Decision, Limits, RequestMeta, StateView
-from agent.store import Store
+from agent.state import AllowCmd, Decision, RequestMeta, StateView
 
 T0 = 1_900_000_000_000
 
@@ -48,22 +46,8 @@ def looked_at(monkeypatch: pytest.MonkeyPatch) -> list[list[EntryKey] | None]:
 
 
 @pytest.fixture
-def engine(rig: Rig, tmp_path: Path, clock: Clock) -> Iterator[Engine]:
-    store = Store.open(tmp_path / "state.db")
-    engine = Engine(
-        store=store,
-        table=rig.table,
-        limits=Limits(max_entries=1000, set_size={4: 1000, 6: 1000}),
-        profiles=("agent",),
-        forget_window_ms=180_000,
-        clock=clock,
-        cut_flows=lambda addresses: None,
-    )
-    engine.load()
-    engine.start()
-    yield engine
-    engine.stop()
-    store.close()
+def engine(make_engine: Callable[..., Engine], clock: Clock) -> Engine:
+    return make_engine(clock=clock)
 
 
 def allow(rig: Rig, clock: Clock, n: int, address: str, ttl_s: int) -> AllowCmd:

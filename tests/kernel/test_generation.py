@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from netlab import Lab, Netns
@@ -77,82 +79,74 @@ def _quiet_commit(monitor: NftMonitor, nft: object, script: str, *, foreign: str
         assert rc == 0, err
 
 
-def test_a_quiet_transaction_is_not_heard_and_reports_nothing(lab: Lab) -> None:
+@pytest.fixture
+def watched(lab: Lab) -> Iterator[tuple[NftMonitor, Any]]:
+    """A monitor of table ``vf_mon`` (with set ``s``, made by this thread, so heard as its own)
+    and the libnftables context that made it; both gone afterwards."""
     me = threading.get_native_id()
     monitor = lab.srv.call(NftMonitor, "vf_mon", is_own=lambda tid: tid == me)
     nft = lab.srv.nftables()
     try:
         _own_commit(lab, nft, "add table inet vf_mon; add set inet vf_mon s { type ipv4_addr; }")
         assert monitor.wait(0.5) == Touch()
-        elements = ", ".join(f"198.18.{i // 250}.{i % 250 + 1}" for i in range(5000))
-        lab.srv.call(_quiet_commit, monitor, nft, f"add element inet vf_mon s {{ {elements} }}")
-        assert len(lab.srv.nft("list", "set", "inet", "vf_mon", "s").split(",")) == 5000
-        # Not one notification of the 5,000 elements was queued, and nothing is reported.
-        with pytest.raises(BlockingIOError):
-            monitor.sock.recv(65536, socket.MSG_DONTWAIT)
-        assert monitor.wait(0.2) == Touch()
-        # Listening again: a foreign change afterwards is heard as before.
-        lab.srv.nft("delete", "element", "inet", "vf_mon", "s", "{ 198.18.0.7 }")
-        assert monitor.wait(2.0) == Touch(sets=frozenset({"s"}))
+        yield monitor, nft
     finally:
         monitor.close()
         lab.srv.nft("delete", "table", "inet", "vf_mon")
 
 
-def test_a_foreign_commit_while_not_listening_reports_lost(lab: Lab) -> None:
-    me = threading.get_native_id()
-    monitor = lab.srv.call(NftMonitor, "vf_mon", is_own=lambda tid: tid == me)
-    nft = lab.srv.nftables()
-    try:
-        _own_commit(lab, nft, "add table inet vf_mon; add set inet vf_mon s { type ipv4_addr; }")
-        assert monitor.wait(0.5) == Touch()
-        lab.srv.call(
-            _quiet_commit,
-            monitor,
-            nft,
-            "add element inet vf_mon s { 198.18.0.1 }",
-            foreign="add element inet vf_mon s { 198.18.0.2 }\n",
-        )
-        # Woken by the monitor itself, well before the timeout.
-        assert monitor.wait(30.0) == Touch(lost=True)
-        assert monitor.wait(0.2) == Touch()  # reported once
-    finally:
-        monitor.close()
-        lab.srv.nft("delete", "table", "inet", "vf_mon")
+def test_a_quiet_transaction_is_not_heard_and_reports_nothing(
+    lab: Lab, watched: tuple[NftMonitor, Any]
+) -> None:
+    monitor, nft = watched
+    elements = ", ".join(f"198.18.{i // 250}.{i % 250 + 1}" for i in range(5000))
+    lab.srv.call(_quiet_commit, monitor, nft, f"add element inet vf_mon s {{ {elements} }}")
+    assert len(lab.srv.nft("list", "set", "inet", "vf_mon", "s").split(",")) == 5000
+    # Not one notification of the 5,000 elements was queued, and nothing is reported.
+    with pytest.raises(BlockingIOError):
+        monitor.sock.recv(65536, socket.MSG_DONTWAIT)
+    assert monitor.wait(0.2) == Touch()
+    # Listening again: a foreign change afterwards is heard as before.
+    lab.srv.nft("delete", "element", "inet", "vf_mon", "s", "{ 198.18.0.7 }")
+    assert monitor.wait(2.0) == Touch(sets=frozenset({"s"}))
 
 
-def test_what_was_queued_before_not_listening_is_still_reported(lab: Lab) -> None:
-    me = threading.get_native_id()
-    monitor = lab.srv.call(NftMonitor, "vf_mon", is_own=lambda tid: tid == me)
-    nft = lab.srv.nftables()
-    try:
-        _own_commit(lab, nft, "add table inet vf_mon; add set inet vf_mon s { type ipv4_addr; }")
-        assert monitor.wait(0.5) == Touch()
-        lab.srv.nft("add", "element", "inet", "vf_mon", "s", "{ 198.18.0.9 }")  # unread
-        lab.srv.call(_quiet_commit, monitor, nft, "add element inet vf_mon s { 198.18.0.1 }")
-        assert monitor.wait(30.0) == Touch(sets=frozenset({"s"}))
-    finally:
-        monitor.close()
-        lab.srv.nft("delete", "table", "inet", "vf_mon")
+def test_a_foreign_commit_while_not_listening_reports_lost(
+    lab: Lab, watched: tuple[NftMonitor, Any]
+) -> None:
+    monitor, nft = watched
+    lab.srv.call(
+        _quiet_commit,
+        monitor,
+        nft,
+        "add element inet vf_mon s { 198.18.0.1 }",
+        foreign="add element inet vf_mon s { 198.18.0.2 }\n",
+    )
+    # Woken by the monitor itself, well before the timeout.
+    assert monitor.wait(30.0) == Touch(lost=True)
+    assert monitor.wait(0.2) == Touch()  # reported once
 
 
-def test_a_refused_quiet_transaction_expects_no_commit(lab: Lab) -> None:
-    me = threading.get_native_id()
-    monitor = lab.srv.call(NftMonitor, "vf_mon", is_own=lambda tid: tid == me)
-    nft = lab.srv.nftables()
-    try:
-        _own_commit(lab, nft, "add table inet vf_mon; add set inet vf_mon s { type ipv4_addr; }")
-        assert monitor.wait(0.5) == Touch()
+def test_what_was_queued_before_not_listening_is_still_reported(
+    lab: Lab, watched: tuple[NftMonitor, Any]
+) -> None:
+    monitor, nft = watched
+    lab.srv.nft("add", "element", "inet", "vf_mon", "s", "{ 198.18.0.9 }")  # unread
+    lab.srv.call(_quiet_commit, monitor, nft, "add element inet vf_mon s { 198.18.0.1 }")
+    assert monitor.wait(30.0) == Touch(sets=frozenset({"s"}))
 
-        def refused() -> None:
-            with monitor.not_listening():
-                rc, _out, _err = nft.cmd("delete element inet vf_mon s { 198.18.0.77 }")
-                raise _Refused(rc)  # ENOENT: nothing was committed
 
-        with pytest.raises(_Refused) as refusal:
-            lab.srv.call(refused)
-        assert refusal.value.args[0] != 0
-        assert monitor.wait(0.2) == Touch()
-    finally:
-        monitor.close()
-        lab.srv.nft("delete", "table", "inet", "vf_mon")
+def test_a_refused_quiet_transaction_expects_no_commit(
+    lab: Lab, watched: tuple[NftMonitor, Any]
+) -> None:
+    monitor, nft = watched
+
+    def refused() -> None:
+        with monitor.not_listening():
+            rc, _out, _err = nft.cmd("delete element inet vf_mon s { 198.18.0.77 }")
+            raise _Refused(rc)  # ENOENT: nothing was committed
+
+    with pytest.raises(_Refused) as refusal:
+        lab.srv.call(refused)
+    assert refusal.value.args[0] != 0
+    assert monitor.wait(0.2) == Touch()

@@ -3,6 +3,7 @@ corruption and full disks, retention, erasure, the bounded event history and cra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -231,13 +232,27 @@ def test_migrations_run_in_order_and_keep_the_data(
         raw.close()
 
 
+@contextlib.contextmanager
+def _written_at_version(
+    db: Path, monkeypatch: pytest.MonkeyPatch, version: int
+) -> Iterator[sqlite3.Connection]:
+    """A store made by the first ``version`` migrations, written raw through the yielded
+    connection in one transaction; the current migrations apply again afterwards."""
+    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:version])
+    Store.open(db).close()
+    raw = sqlite3.connect(db)
+    try:
+        with raw:
+            yield raw
+    finally:
+        raw.close()
+        monkeypatch.undo()
+
+
 def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:1])
-    Store.open(db).close()
-    raw = sqlite3.connect(db)
-    with raw:
+    with _written_at_version(db, monkeypatch, 1) as raw:
         raw.execute("INSERT INTO intents (intent_id, created_at_ms) VALUES ('i1', 5), ('i2', 6)")
         for seq, (op, n) in enumerate((("upsert", 2), ("remove", 1))):
             e = entry(n)
@@ -245,8 +260,6 @@ def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
                 "INSERT INTO intent_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 ("i1", seq, op, *dataclasses.astuple(e)[:-1], int(e.local)),
             )
-    raw.close()
-    monkeypatch.undo()
     with Store.open(db) as s:
         assert s.pending_intents() == (
             PendingIntent(
@@ -259,10 +272,7 @@ def test_a_v1_store_keeps_its_pending_intents_in_order_through_v2(
 def test_a_v2_store_keeps_what_its_requests_name_through_v3(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:2])
-    Store.open(db).close()
-    raw = sqlite3.connect(db)
-    with raw:
+    with _written_at_version(db, monkeypatch, 2) as raw:
         for rid in ("req-alice000", "req-address0", "req-nobody00"):
             raw.execute(
                 "INSERT INTO requests (request_id, rpc, payload_digest, keep_until_ms, result) "
@@ -277,8 +287,6 @@ def test_a_v2_store_keeps_what_its_requests_name_through_v3(
                 ("req-address0", "address", ALICE_B),
             ),
         )
-    raw.close()
-    monkeypatch.undo()
     with Store.open(db) as s:
         assert s.count_subject_records("alice", [ALICE_B]) == 2
         assert s.count_subject_records("bob", [BOB]) == 0
