@@ -317,15 +317,9 @@ _COUNT_NAMED_AUDIT = (
     "SELECT count(*) FROM audit WHERE subject = ?1 OR address IN (SELECT value FROM json_each(?2))"
 )
 # A request's names (see store_schema v3): a scan of the requests still kept, which are the
-# last minutes' only. The two queries share their condition word for word.
+# last minutes' only, so counting them is counting the ids this returns.
 _NAMED_REQUESTS = (
     "SELECT request_id FROM requests WHERE names IS NOT NULL AND ("
-    "EXISTS (SELECT 1 FROM json_each(names, '$.subjects') WHERE value = ?1) OR "
-    "EXISTS (SELECT 1 FROM json_each(names, '$.addresses') "
-    "WHERE value IN (SELECT value FROM json_each(?2))))"
-)
-_COUNT_NAMED_REQUESTS = (
-    "SELECT count(*) FROM requests WHERE names IS NOT NULL AND ("
     "EXISTS (SELECT 1 FROM json_each(names, '$.subjects') WHERE value = ?1) OR "
     "EXISTS (SELECT 1 FROM json_each(names, '$.addresses') "
     "WHERE value IN (SELECT value FROM json_each(?2))))"
@@ -686,8 +680,8 @@ class Store:
         params = (subject, json.dumps(sorted(set(addresses))))
         with self._reading() as conn:
             audit = conn.execute(_COUNT_NAMED_AUDIT, params).fetchone()[0]
-            requests = conn.execute(_COUNT_NAMED_REQUESTS, params).fetchone()[0]
-        return int(audit) + int(requests)
+            requests = conn.execute(_NAMED_REQUESTS, params).fetchall()
+        return int(audit) + len(requests)
 
     # ----- writes -----------------------------------------------------------------------------
 
