@@ -35,6 +35,7 @@ from agent.rules.nft import release_free_memory
 from agent.rules.table import FirewallTable
 from agent.state import (
     HISTORY,
+    AllowCmd,
     Command,
     Decision,
     Entry,
@@ -514,19 +515,27 @@ class Engine:
         self._commit(_Group(base, accepted, events, history_floor, now))
 
     def _load_ordering(self, view: StateView, group: list[_Pending]) -> None:
+        """The ordering marks the group's decisions can be STALE against: those of the keys
+        its requests name or revoke by subject, and, for a Sync (which names the whole state
+        but is newer than every older mark's floor), each mark newer than the Sync."""
         keys: set[tuple[str, str]] = set()
+        newer_than: int | None = None
         for p in group:
             cmd = p.cmd
-            for a in getattr(cmd, "entries", ()):
-                keys.add((a.profile, a.address.text))
-            for addr in getattr(cmd, "addresses", ()):
-                for prof in self.profiles:
-                    keys.add((prof, addr.text))
-            if _names_whole_state(cmd):
-                keys.update((k.profile, k.address.text) for k in view.entries)
-        if keys:
-            for (prof, addr), issued in self.store.last_issued_at(keys).items():
-                view.last_issued[EntryKey(prof, Address.trusted(addr))] = issued
+            if isinstance(cmd, SyncCmd):
+                issued = cmd.meta.issued_at_ms
+                newer_than = issued if newer_than is None else min(newer_than, issued)
+            elif isinstance(cmd, AllowCmd):
+                keys.update((a.profile, a.address.text) for a in cmd.entries)
+            elif isinstance(cmd, RevokeCmd):
+                named = view.by_subject(cmd.subject, cmd.profile) if cmd.subject else ()
+                keys.update((e.key.profile, e.key.address.text) for e in named)
+                keys.update((prof, a.text) for a in cmd.addresses for prof in self.profiles)
+        marks = self.store.last_issued_at(keys) if keys else {}
+        if newer_than is not None:
+            marks.update(self.store.ordering_after(newer_than))
+        for (prof, addr), issued in marks.items():
+            view.last_issued[EntryKey(prof, Address.trusted(addr))] = issued
 
     def _commit(self, group: _Group) -> None:
         final, accepted, events, now = group.final, group.accepted, group.events, group.now

@@ -234,8 +234,20 @@ def newest_numbered(
     return newest, (newest[0].state_version if newest else last_first + len(last_evs) + 1) - 1
 
 
-def _is_stale(view: StateView, key: EntryKey, issued_at_ms: int) -> bool:
-    return issued_at_ms < view.last_issued.get(key, issued_at_ms)
+def order_floor(view: StateView, meta: RequestMeta) -> int:
+    """The ``issued_at`` below which ``meta``'s request is STALE on every address.
+
+    A Sync states the whole dynamic set as of its ``issued_at``, so it is the last operation
+    applied to every address, named or not: an Allow or Revoke issued before it is STALE, and
+    the outcome does not depend on which of the two arrived first. This floor stands in for an
+    ordering mark per address of the Sync. On-host requests, which a Sync never touches, are
+    ordered by their own per-address marks only.
+    """
+    return 0 if meta.request_id.startswith(LOCAL_PREFIX) else view.last_sync_issued_at_ms
+
+
+def _is_stale(view: StateView, key: EntryKey, issued_at_ms: int, floor: int) -> bool:
+    return issued_at_ms < max(floor, view.last_issued.get(key, issued_at_ms))
 
 
 def _entry(a: AllowEntry, meta: RequestMeta, now_ms: int, old: Entry | None) -> Entry:
@@ -249,11 +261,11 @@ def _entry(a: AllowEntry, meta: RequestMeta, now_ms: int, old: Entry | None) -> 
 
 
 def _upsert(
-    view: StateView, a: AllowEntry, meta: RequestMeta, now_ms: int
+    view: StateView, a: AllowEntry, meta: RequestMeta, now_ms: int, floor: int
 ) -> tuple[Entry | None, EntryResult, Event | None]:
     key = a.key
     old = view.entries.get(key)
-    if _is_stale(view, key, meta.issued_at_ms):
+    if _is_stale(view, key, meta.issued_at_ms, floor):
         return (
             None,
             EntryResult(
@@ -304,9 +316,10 @@ def _check_caps(
 
 def decide_allow(view: StateView, cmd: AllowCmd, now_ms: int, limits: Limits) -> Decision:
     _check_caps(view, (a.key for a in cmd.entries), (), limits)
+    floor = order_floor(view, cmd.meta)
     ups, results, events = [], [], []
     for a in cmd.entries:
-        new, res, ev = _upsert(view, a, cmd.meta, now_ms)
+        new, res, ev = _upsert(view, a, cmd.meta, now_ms, floor)
         results.append(res)
         if new and ev:
             ups.append(new)
@@ -335,6 +348,7 @@ def decide_revoke(
     view: StateView, cmd: RevokeCmd, now_ms: int, profiles: Iterable[str]
 ) -> Decision:
     names = list(profiles)
+    floor = order_floor(view, cmd.meta)
     removals, results, events, ordering = [], [], [], []
     for key in _revoke_targets(view, cmd, names):
         old = view.entries.get(key)
@@ -344,7 +358,7 @@ def decide_revoke(
             for p in [key.profile] if key.profile else names:
                 ordering.append((EntryKey(p, key.address), cmd.meta.issued_at_ms))
             continue
-        if _is_stale(view, key, cmd.meta.issued_at_ms):
+        if _is_stale(view, key, cmd.meta.issued_at_ms, floor):
             results.append(
                 EntryResult(
                     key.address.text, key.profile, Status.STALE, old.expires_at_ms, "stale_request"
@@ -375,15 +389,16 @@ def decide_sync(view: StateView, cmd: SyncCmd, now_ms: int, limits: Limits) -> D
     # Local grants (the on-host fallback portal) are never touched by a Sync.
     doomed = [e for k, e in view.entries.items() if k not in wanted and not e.local]
     _check_caps(view, wanted, (e.key for e in doomed), limits)
+    # Newer than the floor (the last Sync) by the check above: only a newer mark makes it STALE.
     ups, removals, results, events = [], [], [], []
     for a in cmd.entries:
-        new, res, ev = _upsert(view, a, cmd.meta, now_ms)
+        new, res, ev = _upsert(view, a, cmd.meta, now_ms, 0)
         results.append(res)
         if new and ev:
             ups.append(new)
             events.append(ev)
     for old in doomed:
-        if _is_stale(view, old.key, issued):
+        if _is_stale(view, old.key, issued, 0):
             results.append(
                 EntryResult(
                     old.key.address.text,
@@ -397,13 +412,12 @@ def decide_sync(view: StateView, cmd: SyncCmd, now_ms: int, limits: Limits) -> D
         removals.append(old)
         results.append(EntryResult(old.key.address.text, old.key.profile, Status.REMOVED))
         events.append(Event(EventKind.REMOVED, now_ms, old, f"not in sync {cmd.meta.request_id}"))
-    touched = [a.key for a in cmd.entries] + [e.key for e in removals]
+    # No ordering mark per address: ``sync_issued_at_ms`` orders them all (``order_floor``).
     return Decision(
         upserts=tuple(ups),
         removals=tuple(removals),
         results=tuple(results),
         events=tuple(events),
-        ordering=tuple((k, issued) for k in touched),
         sync_issued_at_ms=issued,
     )
 

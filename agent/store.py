@@ -596,14 +596,13 @@ class Store:
             ).fetchall()
         return {(p, a): issued for p, a, issued in rows}
 
-    def last_issued_at_by_address(self, addresses: Iterable[str]) -> dict[EntryKeyText, int]:
-        """Ordering memory of the given addresses in every profile (a Revoke of any profile)."""
-        wanted = json.dumps(sorted(set(addresses)))
-        with self._reading() as conn:
+    def ordering_after(self, issued_at_ms: int) -> dict[EntryKeyText, int]:
+        """Ordering memory of every key last ordered after ``issued_at_ms`` (what can make a
+        Sync of that time STALE): a scan, as a Sync is rare and the rows it finds are few."""
+        with self._reading(one_statement=True) as conn:
             rows = conn.execute(
-                "SELECT profile, address, issued_at_ms FROM ordering "
-                "WHERE address IN (SELECT value FROM json_each(?))",
-                (wanted,),
+                "SELECT profile, address, issued_at_ms FROM ordering WHERE issued_at_ms > ?",
+                (issued_at_ms,),
             ).fetchall()
         return {(p, a): issued for p, a, issued in rows}
 

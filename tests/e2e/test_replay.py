@@ -319,3 +319,21 @@ def test_a_sync_leaves_entries_changed_after_it_as_they_are(fresh: AgentRig) -> 
     assert after.state_version == before.state_version + 2
     kept = {k for k in before.kernel if k[1] in {"198.18.14.3", "198.18.14.4"}}
     assert kept <= after.kernel  # untouched: same timeout and comment (request id)
+
+
+def test_an_operation_issued_before_the_last_sync_is_stale_everywhere_after_a_restart(
+    fresh: AgentRig,
+) -> None:
+    """The Sync orders every address, named or not, and that survives a restart."""
+    t = now_ms()
+    assert fresh.raw.sync(allow_entry("198.18.14.6"), issued_ms=t).ok
+    fresh.restart()
+    raw = fresh.raw
+    before = fresh.observe()
+    late = raw.allow(allow_entry("198.18.14.6"), allow_entry("198.18.14.7"), issued_ms=t - 1)
+    assert _statuses(late.result) == [("198.18.14.6", S.STALE), ("198.18.14.7", S.STALE)]
+    revoke = raw.revoke(["198.18.14.6"], issued_ms=t - 1)
+    assert _statuses(revoke.result) == [("198.18.14.6", S.STALE)]
+    assert fresh.observe() == before
+    newer = raw.allow(allow_entry("198.18.14.7"), issued_ms=t + 1)
+    assert _statuses(newer.result) == [("198.18.14.7", S.ADDED)]

@@ -472,7 +472,8 @@ def test_ordering_memory_is_per_profile_and_address_and_never_moves_backwards(
     assert store.last_issued_at([("agents", a), ("agents", "198.51.100.99")]) == {
         ("agents", a): T0 + 5
     }
-    assert store.last_issued_at_by_address([a]) == {("agents", a): T0 + 5, ("admin", a): T0 + 7}
+    # What can make a Sync of T0 + 5 STALE: the marks newer than it.
+    assert store.ordering_after(T0 + 5) == {("admin", a): T0 + 7, ("agents", b): T0 + 9}
     assert store.last_issued_at([]) == {}
 
 
@@ -529,7 +530,7 @@ def _snapshot(s: Store) -> tuple[object, ...]:
         s.state_version(),
         s.audit_records(),
         s.events_since(0, 1000),
-        s.last_issued_at_by_address(["198.51.100.1", "198.51.100.7"]),
+        s.ordering_after(0),
         s.last_sync_issued_at_ms(),
         s.pending_intents(),
         s.lookup_request("req-fresh000"),
@@ -767,9 +768,7 @@ def test_purge_deletes_what_retention_and_replay_no_longer_need(store: Store) ->
     assert store.lookup_request("req-passed00") is None
     assert store.lookup_request("req-boundary") is None
     assert store.lookup_request("req-stillval") is not None
-    assert store.last_issued_at_by_address(["198.51.100.1", "198.51.100.2"]) == {
-        ("agents", "198.51.100.2"): T0
-    }
+    assert store.ordering_after(0) == {("agents", "198.51.100.2"): T0}
     page = store.events_since(0, 100)
     assert [ev.state_version for ev in page.events] == [4, 5, 6]
     assert page.oldest_retained_version == 4
