@@ -150,13 +150,22 @@ class GenerationSummary:
     structure: bool = False
     elsewhere: bool = False
     sets: set[str] = field(default_factory=set)
+    # The table attribute as the kernel puts it first in every message of our table: a
+    # foreign bulk change (100,000 elements of another tool's set) is told apart by it alone.
+    _own_table: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        name = self.table.encode() + b"\0"
+        self._own_table = _NLATTR.pack(_NLATTR.size + len(name), _ATTR_TABLE) + name
 
     def add(self, data: bytes, kind: int, start: int, end: int) -> None:
         if kind == NFT_MSG_NEWGEN or end - start < _HEADER_LEN:
             return
-        family = data[start + _NLMSGHDR.size]
+        if data[start + _NLMSGHDR.size] != NFPROTO_INET or self._another_table(data, start, end):
+            self.elsewhere = True
+            return
         attrs = dict(_attrs(data, start + _HEADER_LEN, end))
-        if family != NFPROTO_INET or _string(attrs.get(_ATTR_TABLE, b"")) != self.table:
+        if _string(attrs.get(_ATTR_TABLE, b"")) != self.table:
             self.elsewhere = True
             return
         if kind in _ELEMENT_MSGS:
@@ -165,6 +174,13 @@ class GenerationSummary:
             self.structure = True
             if kind in _SET_MSGS:
                 self.sets.add(_string(attrs.get(_ATTR_SET, b"")))
+
+    def _another_table(self, data: bytes, start: int, end: int) -> bool:
+        """Whether the message's first attribute names a table other than ours."""
+        pos = start + _HEADER_LEN
+        if end - pos < _NLATTR.size or _NLATTR.unpack_from(data, pos)[1] & 0x3FFF != _ATTR_TABLE:
+            return False
+        return not data.startswith(self._own_table, pos)
 
     def touch(self) -> Touch:
         return Touch(self.structure, frozenset(self.sets), elsewhere=self.elsewhere)

@@ -66,6 +66,13 @@ CASES: list[tuple[str, bytes, Touch]] = [
     ("a rule of ours deleted", _msg(8, INET, _attr(1, _name("vicifast"))), Touch(structure=True)),
     ("same name, other family", _msg(2, IP, _attr(1, _name("vicifast"))), Touch(elsewhere=True)),
     ("another inet table", _msg(3, INET, _attr(1, _name("filter"))), Touch(elsewhere=True)),
+    ("a longer name", _msg(3, INET, _attr(1, _name("vicifast2"))), Touch(elsewhere=True)),
+    ("a shorter name", _msg(3, INET, _attr(1, _name("vicifas"))), Touch(elsewhere=True)),
+    (
+        "our table named after another attribute",
+        _msg(14, INET, _attr(2, _name("allow4_agent")), _attr(1, _name("vicifast"))),
+        Touch(sets=frozenset({"allow4_agent"})),
+    ),
 ]
 
 
