@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.errors import InvalidArgument
-from agent.model import IPV4_NORMAL, Address, AllowEntry, check_subject
+from agent.model import IPV4_NORMAL, Address, AllowEntry
 
 DEFAULT_TTL_SECONDS = 86400
 
@@ -265,10 +265,11 @@ def make_allow_entry(
     profiles: Iterable[str],
     default_profile: str,
 ) -> AllowEntry:
-    """Validate every field of one requested entry and build the ``AllowEntry``."""
+    """Validate every field of one requested entry and build the ``AllowEntry`` (which checks
+    the subject itself: ``invalid_subject``)."""
     return AllowEntry(
         address=normalize_address(address, policy),
         profile=resolve_profile(profile, profiles, default_profile),
         ttl_seconds=resolve_ttl(ttl_seconds, bounds),
-        subject=check_subject(subject),
+        subject=subject,
     )

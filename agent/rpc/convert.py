@@ -31,6 +31,7 @@ from agent.state import (
 def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[AllowEntry, ...]:
     out: list[AllowEntry] = []
     seen: set[tuple[str, str]] = set()
+    profiles, policy, bounds = cfg.profile_names, cfg.address_policy, cfg.ttl  # once, not per entry
     for i, e in enumerate(raw):
         try:
             entry = make_allow_entry(
@@ -38,9 +39,9 @@ def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[All
                 ttl_seconds=e.ttl_seconds,
                 subject=e.subject,
                 profile=e.profile,
-                policy=cfg.address_policy,
-                bounds=cfg.ttl,
-                profiles=cfg.profile_names,
+                policy=policy,
+                bounds=bounds,
+                profiles=profiles,
                 default_profile=cfg.default_profile,
             )
         except InvalidArgument as exc:
