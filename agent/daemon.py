@@ -96,6 +96,9 @@ def setup_logging() -> None:
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         handler = systemd.journal.JournalHandler(SYSLOG_IDENTIFIER="vicifast-agent")
+        # The level and logger travel as journal fields (PRIORITY, LOGGER): the message alone,
+        # not basicConfig's "INFO:vicifast-agent:" prefix in front of every line.
+        handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

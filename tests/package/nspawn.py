@@ -17,13 +17,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import select
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 CACHE = Path("/var/cache/vicifast-agent-test")
@@ -238,6 +239,16 @@ class Container:
 
     # --- inside the container -----------------------------------------------------------------
 
+    def _inside(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run as root inside the container (its mount, PID, net, IPC, UTS
+        namespaces)."""
+        self._check_alive()
+        leader = self.leader()
+        if leader is None:
+            raise RuntimeError("the container is not running")
+        env = [f"{k}={v}" for k, v in _CMD_ENV.items()]
+        return ["nsenter", f"--target={leader}", "--all", "env", "-i", *env, *argv]
+
     def run(
         self,
         *argv: str,
@@ -245,14 +256,9 @@ class Container:
         timeout: float = 120.0,
         stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` as root inside the container (its mount, PID, net, IPC, UTS namespaces)."""
-        self._check_alive()
-        leader = self.leader()
-        if leader is None:
-            raise RuntimeError("the container is not running")
-        env = [f"{k}={v}" for k, v in _CMD_ENV.items()]
+        """Run ``argv`` as root inside the container."""
         done = subprocess.run(
-            ["nsenter", f"--target={leader}", "--all", "env", "-i", *env, *argv],
+            self._inside(argv),
             input=stdin,
             capture_output=True,
             text=True,
@@ -292,6 +298,42 @@ class Container:
             argv += ["--after-cursor", since_cursor]
         return self.run(*argv, check=False).stdout
 
+    def journal_cursor(self) -> str:
+        """Where the journal ends now: ``await_journal`` looks at what is logged after it."""
+        shown = self.run("journalctl", "--no-pager", "-n", "1", "-o", "cat", "--show-cursor")
+        return shown.stdout.rsplit("-- cursor: ", 1)[1].strip()
+
+    def await_journal(
+        self, unit: str, patterns: Sequence[str], *, after: str, timeout: float
+    ) -> None:
+        """Return once ``unit`` logged, after the cursor ``after``, lines matching each of
+        ``patterns`` (regular expressions) in that order. ``journalctl --follow`` is woken by
+        journald as lines arrive: nothing is polled, and nothing logged before the follower
+        started is missed."""
+        argv = ["journalctl", "--follow", "--no-pager", "-o", "cat", "-u", unit]
+        follower = subprocess.Popen(
+            self._inside([*argv, "--after-cursor", after]), stdout=subprocess.PIPE
+        )
+        assert follower.stdout is not None
+        deadline = time.monotonic() + timeout
+        waiting, seen, pending = list(patterns), [], b""
+        try:
+            while waiting:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([follower.stdout], [], [], left)[0]:
+                    raise TimeoutError(f"{unit}: no {waiting[0]!r} within {timeout} s: {seen}")
+                chunk = os.read(follower.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"journalctl --follow ended: {seen}")
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in (raw.decode(errors="replace") for raw in lines):
+                    seen.append(line)
+                    if waiting and re.search(waiting[0], line):
+                        waiting.pop(0)
+        finally:
+            follower.kill()
+            follower.wait()
+
     def apt(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         return self.run("apt-get", "-y", "-q", "--no-install-recommends", *args, timeout=timeout)
 
@@ -309,17 +351,6 @@ def _await_ready(
             return
         if exited in readable:
             raise RuntimeError(f"systemd-nspawn exited before the container was up:\n{console()}")
-
-
-def wait_for(
-    what: str, condition: Callable[[], bool], *, timeout: float, interval: float = 0.1
-) -> None:
-    """Poll ``condition()`` until true (a deadline, never a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager
