@@ -11,8 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from agent import __version__, admin, ctl
+from agent import __version__, admin
 from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.ctl.commands import add_commands as add_ctl_commands
+from agent.ctl.connection import connection_file_text
 from agent.errors import ConfigError
 from agent.rpc.signing import trusted_keys_from_config
 
@@ -61,7 +63,7 @@ def _dev_pki(args: argparse.Namespace) -> int:
     material = make_dev_pki(args.directory, args.agent_id, validity_days=args.days)
     connection = material.directory / "ctl.toml"
     connection.write_text(
-        ctl.connection_file_text(
+        connection_file_text(
             {
                 "target": args.target,
                 "agent_id": material.agent_id,
@@ -157,6 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_version)
 
-    ctl.add_commands(sub)
+    add_ctl_commands(sub)
     admin.add_commands(sub)
     return parser

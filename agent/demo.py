@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal, TypeVar
 
-from agent.ctl import connection_file_text
+from agent.ctl.connection import connection_file_text
 from agent.devlab import REPO_ROOT, DevAgent, enter_netns
 
 T = TypeVar("T")

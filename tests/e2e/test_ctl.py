@@ -19,7 +19,7 @@ from typing import Any
 
 from netlab import Lab
 
-from agent.ctl import connection_file_text
+from agent.ctl.connection import connection_file_text
 from agent.devlab import REPO_ROOT, DevAgent
 
 REFUSED, USAGE, UNREACHABLE = 1, 2, 3

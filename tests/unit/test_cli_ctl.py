@@ -14,21 +14,11 @@ import pytest
 
 from agent.__main__ import main
 from agent.cli import build_parser
-from agent.ctl import (
-    Connection,
-    CtlError,
-    Exit,
-    _Pinned,
-    connection_file_text,
-    describe_call_error,
-    format_apply_result,
-    format_event,
-    format_state,
-    parse_sync_entries,
-    resolve_connection,
-    to_json,
-    when,
-)
+from agent.ctl import CtlError, Exit
+from agent.ctl.commands import _Pinned, describe_call_error
+from agent.ctl.connection import Connection, connection_file_text, resolve_connection
+from agent.ctl.entries import parse_sync_entries
+from agent.ctl.output import format_apply_result, format_event, format_state, to_json, when
 from agent.devpki import DevMaterial, make_dev_pki
 from agent.rpc.client import AgentCallError, AgentClient, Entry
 from agent.rpc.pb import agent_pb2 as pb

@@ -9,7 +9,7 @@ import pytest
 
 from agent.__main__ import main
 from agent.config import parse_config
-from agent.ctl import resolve_connection
+from agent.ctl.connection import resolve_connection
 from agent.devpki import DEV_ONLY
 
 FILES = {
