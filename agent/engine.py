@@ -546,8 +546,8 @@ class Engine:
 
     def _load_ordering(self, view: StateView, group: list[_Pending]) -> None:
         """The ordering marks the group's decisions can be STALE against: those of the keys
-        its requests name or revoke by subject, and, for a Sync (which names the whole state
-        but is newer than every older mark's floor), each mark newer than the Sync."""
+        its requests name or revoke by subject and, for a Sync (which names the whole state),
+        the marks newer than the Sync: an older one cannot make it STALE."""
         keys: set[tuple[str, str]] = set()
         newer_than: int | None = None
         for p in group:
