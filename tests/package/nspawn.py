@@ -311,8 +311,12 @@ class Container:
         journald as lines arrive: nothing is polled, and nothing logged before the follower
         started is missed."""
         argv = ["journalctl", "--follow", "--no-pager", "-o", "cat", "-u", unit]
+        # A session of its own: nsenter forks journalctl into the container's PID namespace,
+        # and the whole group is killed at the end, not only nsenter.
         follower = subprocess.Popen(
-            self._inside([*argv, "--after-cursor", after]), stdout=subprocess.PIPE
+            self._inside([*argv, "--after-cursor", after]),
+            stdout=subprocess.PIPE,
+            start_new_session=True,
         )
         assert follower.stdout is not None
         deadline = time.monotonic() + timeout
@@ -331,8 +335,9 @@ class Container:
                     if waiting and re.search(waiting[0], line):
                         waiting.pop(0)
         finally:
-            follower.kill()
+            os.killpg(follower.pid, signal.SIGKILL)
             follower.wait()
+            follower.stdout.close()
 
     def apt(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         return self.run("apt-get", "-y", "-q", "--no-install-recommends", *args, timeout=timeout)
