@@ -2,7 +2,8 @@
 
 Owns the counters and histograms that are moved as things happen, all in the registry handed in.
 It observes outcomes and never changes them: the interceptor passes every call, result and
-status through untouched, and the kernel observer only records what ``NftAdapter`` reports.
+status through untouched (the handler's context only counts an ``abort`` before sending it), and
+the kernel observer only records what ``NftAdapter`` reports.
 """
 
 from __future__ import annotations
@@ -107,6 +108,48 @@ def _outcome(
 Behaviour = Callable[[Any, Any], Any]
 
 
+class _Call:
+    """One call's outcome, recorded once: when ``abort`` is about to send its status, or else
+    when the handler ends. grpc's asyncio ``abort`` sends the status before it raises, so a
+    count made after the handler could lag behind the answer: a caller that saw its refusal
+    and then scraped would not find it counted yet."""
+
+    def __init__(
+        self, metrics: RequestMetrics, rpc: str, clock: Callable[[], float], *, timed: bool
+    ):
+        self.metrics, self.rpc, self.clock, self.timed = metrics, rpc, clock, timed
+        self.started = clock()
+        self.recorded = False
+
+    def record(self, code: grpc.StatusCode, details: str | bytes | None) -> None:
+        if not self.recorded:
+            self.recorded = True
+            seconds = self.clock() - self.started if self.timed else None
+            self.metrics.record(self.rpc, code, details, seconds)
+
+    def ended(self, context: grpc.aio.ServicerContext[Any, Any], ended: str) -> None:
+        if ended == "cancelled":
+            self.record(grpc.StatusCode.CANCELLED, None)
+        else:
+            self.record(*_outcome(context, ended == "raised"))
+
+
+class _ObservedContext:
+    """The call's context, passed to the handler: the same in every respect, except that
+    ``abort`` records the outcome before the status leaves."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *more: Any) -> None:
+        self._call.record(code, details)
+        await self._context.abort(code, details, *more)
+
+
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Times and counts every call of a registered method; unknown methods are not counted."""
 
@@ -147,15 +190,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _unary(self, rpc: str, behaviour: Behaviour) -> Behaviour:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = self.clock()
-            raised = True
+            observed = _Call(self.metrics, rpc, self.clock, timed=True)
+            ended = "raised"
             try:
-                response = await behaviour(request, context)
-                raised = False
+                response = await behaviour(request, _ObservedContext(context, observed))
+                ended = "returned"
                 return response
             finally:
-                code, details = _outcome(context, raised)
-                self.metrics.record(rpc, code, details, self.clock() - started)
+                observed.ended(context, ended)
 
         return call
 
@@ -165,38 +207,33 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if inspect.isasyncgenfunction(behaviour):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                observed = _Call(self.metrics, rpc, self.clock, timed=False)
                 ended = "raised"
                 try:
-                    async for response in behaviour(request, context):
+                    async for response in behaviour(request, _ObservedContext(context, observed)):
                         yield response
                     ended = "returned"
                 except (asyncio.CancelledError, GeneratorExit):  # the client went away
                     ended = "cancelled"
                     raise
                 finally:
-                    self._ended(rpc, context, ended)
+                    observed.ended(context, ended)
 
             return stream
 
         async def write(request: Any, context: Any) -> None:
+            observed = _Call(self.metrics, rpc, self.clock, timed=False)
             ended = "raised"
             try:
-                await behaviour(request, context)
+                await behaviour(request, _ObservedContext(context, observed))
                 ended = "returned"
             except asyncio.CancelledError:
                 ended = "cancelled"
                 raise
             finally:
-                self._ended(rpc, context, ended)
+                observed.ended(context, ended)
 
         return write
-
-    def _ended(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any], ended: str) -> None:
-        if ended == "cancelled":
-            code, details = grpc.StatusCode.CANCELLED, None
-        else:
-            code, details = _outcome(context, ended == "raised")
-        self.metrics.record(rpc, code, details, None)
 
 
 class KernelMetrics:

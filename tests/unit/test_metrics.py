@@ -462,6 +462,29 @@ def test_auth_failures_are_counted_by_reason_word(
     assert sample(reg, "vicifast_agent_auth_failures_total", reason=reason) == 1
 
 
+def test_a_refusal_is_counted_before_its_status_is_sent() -> None:
+    """grpc's asyncio ``abort`` sends the status at once: a caller that saw the refusal and
+    then scrapes must find it counted."""
+    call, reg = intercepted(
+        refuse(grpc.StatusCode.UNAUTHENTICATED, "unknown_key: k"), AGENT + "Allow"
+    )
+    counted_when_sent: list[float | None] = []
+
+    class Sending(StandInContext):
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            counted_when_sent.append(
+                sample(reg, "vicifast_agent_requests_total", rpc="Allow", code=code.name)
+            )
+            await super().abort(code, details)
+
+    with pytest.raises(grpc.aio.AbortError):
+        answer(call, Sending())
+
+    assert counted_when_sent == [1]
+    assert sample(reg, "vicifast_agent_requests_total", rpc="Allow", code="UNAUTHENTICATED") == 1
+    assert sample(reg, "vicifast_agent_auth_failures_total", reason="unknown_key") == 1
+
+
 def test_other_refusals_are_not_auth_failures() -> None:
     call, reg = intercepted(refuse(grpc.StatusCode.FAILED_PRECONDITION, "stale: x"), AGENT + "Sync")
 
