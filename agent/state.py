@@ -44,6 +44,12 @@ HISTORY = 10_000
 LOCAL_PREFIX = "local-"
 
 
+def is_local(request_id: str) -> bool:
+    """Whether ``request_id`` is an on-host grant's (the local socket's), not the control
+    plane's."""
+    return request_id.startswith(LOCAL_PREFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """An entry of the allow state, as stored and reported."""
@@ -56,7 +62,7 @@ class Entry:
 
     @property
     def local(self) -> bool:
-        return self.request_id.startswith(LOCAL_PREFIX)
+        return is_local(self.request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +249,7 @@ def order_floor(view: StateView, meta: RequestMeta) -> int:
     ordering mark per address of the Sync. On-host requests, which a Sync never touches, are
     ordered by their own per-address marks only.
     """
-    return 0 if meta.request_id.startswith(LOCAL_PREFIX) else view.last_sync_issued_at_ms
+    return 0 if is_local(meta.request_id) else view.last_sync_issued_at_ms
 
 
 def _is_stale(view: StateView, key: EntryKey, issued_at_ms: int, floor: int) -> bool:
