@@ -45,6 +45,7 @@ from google.protobuf.message import DecodeError
 
 from agent.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from agent.rpc.pb import agent_pb2
+from agent.state import LOCAL_PREFIX, is_local
 
 __all__ = [
     "MAX_KEYID_BYTES",
@@ -52,7 +53,6 @@ __all__ = [
     "PAYLOAD_TYPE_PREFIX",
     "PAYLOAD_TYPE_SUFFIX",
     "REASONS",
-    "RESERVED_REQUEST_ID_PREFIX",
     "SIGNED_REQUEST_TYPES",
     "OpenedRequest",
     "RequestHeader",
@@ -72,9 +72,6 @@ PAYLOAD_TYPE_SUFFIX: Final = "+proto"
 # Caps on the envelope itself: they bound the verification work one request can demand.
 MAX_SIGNATURES: Final = 8
 MAX_KEYID_BYTES: Final = 256
-# Local (on-host) grants carry request ids with this prefix in state and events, so a signed
-# request may not use it: otherwise a remote grant could pass for a local one.
-RESERVED_REQUEST_ID_PREFIX: Final = "local-"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 REASONS: Final = frozenset(
@@ -138,11 +135,12 @@ def check_request_id(request_id: str) -> str:
         raise InvalidArgument(
             "invalid_request_id", f"{request_id[:80]!r} is not 8..64 characters of [A-Za-z0-9_-]"
         )
-    if request_id.startswith(RESERVED_REQUEST_ID_PREFIX):
+    if is_local(request_id):
+        # Local (on-host) grants carry this prefix in state and events: a signed request with
+        # it could pass for one.
         raise InvalidArgument(
             "invalid_request_id",
-            f"request ids beginning with {RESERVED_REQUEST_ID_PREFIX!r} are reserved for local "
-            "grants",
+            f"request ids beginning with {LOCAL_PREFIX!r} are reserved for local grants",
         )
     return request_id
 

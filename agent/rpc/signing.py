@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.rpc.envelope import (
-    RESERVED_REQUEST_ID_PREFIX,
     SignedRequest,
     TrustPolicy,
     pae,
     payload_type_for,
 )
 from agent.rpc.pb import agent_pb2
+from agent.state import is_local
 
 __all__ = [
     "DEFAULT_VALIDITY_MS",
@@ -122,7 +122,7 @@ def new_request_id() -> str:
     """A fresh random request id: 24 characters of ``[A-Za-z0-9_-]`` (144 bits)."""
     while True:
         request_id = secrets.token_urlsafe(18)
-        if not request_id.startswith(RESERVED_REQUEST_ID_PREFIX):
+        if not is_local(request_id):
             return request_id
 
 

@@ -40,7 +40,7 @@ from agent.local.wire import (
     encode_result,
 )
 from agent.policy import TtlBounds
-from agent.rpc.envelope import RESERVED_REQUEST_ID_PREFIX
+from agent.state import LOCAL_PREFIX
 
 BOUNDS = TtlBounds(minimum=60, maximum=604800, default=86400)
 
@@ -71,7 +71,7 @@ def test_local_request_ids_carry_the_prefix_remote_envelopes_may_not_use() -> No
     ids = {local_request_id() for _ in range(100)}
     assert len(ids) == 100
     for rid in ids:
-        assert rid.startswith(RESERVED_REQUEST_ID_PREFIX)
+        assert rid.startswith(LOCAL_PREFIX)
         assert 8 <= len(rid) <= 64
 
 
