@@ -7,8 +7,8 @@ in. Copying 100,000 entries for every group took about 1.4 ms of each lone Allow
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
-from typing import TypeVar
+from collections.abc import ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from typing import Any, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -70,11 +70,51 @@ class EntryChanges(MutableMapping[K, V]):
 
     def __iter__(self) -> Iterator[K]:
         removed, base = self._removed, self.base
-        yield from (k for k in base if k not in removed)
+        yield from (k for k in base if k not in removed) if removed else base
         yield from (k for k in self._changed if k not in base)
+
+    # Views that read ``base`` at C speed instead of a ``__getitem__`` call per key: a Revoke
+    # or Erase by subject walks every entry (39 ms at 100,000 entries through the default
+    # views; 2.3 ms through these while the group has changed nothing, 16 ms after).
+    def items(self) -> ItemsView[K, V]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[V]:
+        return _Values(self)
+
+    @property
+    def _unchanged(self) -> bool:
+        return not self._changed and not self._removed
+
+    def _pairs(self) -> Iterator[tuple[K, V]]:
+        base, changed, removed = self.base, self._changed, self._removed
+        for key, value in base.items():
+            if key in changed:
+                yield key, changed[key]
+            elif key not in removed:
+                yield key, value
+        yield from ((k, v) for k, v in changed.items() if k not in base)
 
     def write_to(self, target: MutableMapping[K, V]) -> None:
         """Make ``target`` (``base`` itself, or an equal copy of it) hold what this holds."""
         for key in self._removed:
             del target[key]
         target.update(self._changed)
+
+
+class _Items(ItemsView[K, V]):
+    __slots__ = ()
+    _mapping: EntryChanges[K, V]
+
+    def __iter__(self) -> Iterator[tuple[K, V]]:
+        m = self._mapping
+        return iter(m.base.items()) if m._unchanged else m._pairs()
+
+
+class _Values(ValuesView[V]):
+    __slots__ = ()
+    _mapping: EntryChanges[Any, V]
+
+    def __iter__(self) -> Iterator[V]:
+        m = self._mapping
+        return iter(m.base.values()) if m._unchanged else (v for _, v in m._pairs())

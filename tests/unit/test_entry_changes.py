@@ -36,6 +36,10 @@ def test_reads_see_what_a_copy_would_hold_and_the_base_is_untouched(
 
     assert dict(changes) == copy
     assert len(changes) == len(copy)
+    # The views walk in the keys' order, each key with the value a read gives.
+    assert list(changes.items()) == [(k, changes[k]) for k in changes]
+    assert list(changes.values()) == [changes[k] for k in changes]
+    assert dict(changes.items()) == copy
     assert all((k in changes) == (k in copy) for k in range(13))
     assert [changes.get(k) for k in range(13)] == [copy.get(k) for k in range(13)]
     assert [changes.get(k, -1) for k in range(13)] == [copy.get(k, -1) for k in range(13)]
@@ -61,7 +65,19 @@ def test_iteration_keeps_the_base_order_then_new_keys_in_arrival_order() -> None
     del changes[1]
     changes[5] = 50
 
+    assert list(changes) == [2, 3, 9, 5]
     assert list(changes.items()) == [(2, 21), (3, 30), (9, 90), (5, 50)]
+    assert list(changes.values()) == [21, 30, 90, 50]
+
+
+def test_unchanged_it_iterates_as_its_base() -> None:
+    changes = EntryChanges({1: 10, 2: 20})
+
+    assert (list(changes), list(changes.items()), list(changes.values())) == (
+        [1, 2],
+        [(1, 10), (2, 20)],
+        [10, 20],
+    )
 
 
 def test_a_missing_key_is_a_key_error_like_a_dict() -> None:
