@@ -18,7 +18,7 @@ from tablekit import (
     open_rig,
 )
 
-from agent.rules.conntrack import forget_flows
+from agent.rules.conntrack import FILTERED_LOOKUPS_MAX, forget_flows
 
 FAMILIES: list[Family] = [4, 6]
 # The sources of another subnet: never admitted by an entry for the client's own address.
@@ -140,6 +140,52 @@ def test_one_revoke_of_both_families_cuts_the_flows_of_each(rig: Rig) -> None:
         assert (cut.deleted >= 2, cut.failed) == (True, 0)
         assert rig.lab.srv.conntrack(*flow4.conntrack_args()) == []
         assert rig.lab.srv.conntrack(*flow6.conntrack_args()) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forgetting_flows_keeps_the_flows_of_other_sources(rig: Rig, family: Family) -> None:
+    """A single IPv4 address is looked up by the kernel's dump filter, an IPv6 /64 entry by
+    matching every flow here: either way, only the revoked source loses its flows. The /64 holds
+    the server's own address, the reply source of every flow coming in: that is not a match."""
+    src, other = rig.lab.addr.client(family), STRANGER[family]
+    rig.table.apply([rig.element(src), rig.element(other)])
+    with rig.lab.udp_flow(src=src) as mine, rig.lab.udp_flow(src=other, port=4569) as theirs:
+        assert mine.exchange()
+        assert theirs.exchange()
+
+        with rig.lab.srv.entered():
+            cut = forget_flows([rig.key(src).address])
+
+        # At least its SIP flow: the lab's readiness probes may have left one of the source's.
+        assert (cut.deleted >= 1, cut.failed) == (True, 0)
+        assert rig.lab.srv.conntrack(*mine.conntrack_args()) == []
+        assert len(rig.lab.srv.conntrack(*theirs.conntrack_args())) == 1
+        assert theirs.exchange()
+
+
+def test_forgetting_the_flows_of_many_addresses_matches_every_flow_once(rig: Rig) -> None:
+    """Past the few addresses the kernel looks up one by one, a single dump is matched here:
+    the flows of the listed sources go (including one the host initiated), the others stay."""
+    listed = [rig.lab.addr.client(4), ADDR.client4_alt]  # the second only answers the host
+    unrelated = [f"198.18.{i}.9" for i in range(1, FILTERED_LOOKUPS_MAX + 1)]
+    rig.table.apply([rig.element(listed[0])])
+    with (
+        rig.lab.udp_flow(src=listed[0]) as first,
+        HostUdpFlow(rig.lab, 4, listed[1], port=4569) as second,
+        rig.lab.udp_flow(src=ADDR.client4_far, port=5062, sport=41001) as stranger,  # open port
+    ):
+        assert first.exchange()
+        assert second.server_sends()
+        assert second.client_answers()
+        assert stranger.exchange()
+
+        with rig.lab.srv.entered():
+            cut = forget_flows([rig.key(a).address for a in [*listed, *unrelated, listed[0]]])
+
+        assert (cut.deleted >= 2, cut.failed) == (True, 0)
+        assert rig.lab.srv.conntrack(*first.conntrack_args()) == []
+        assert not second.client_answers()
+        assert stranger.exchange()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
