@@ -236,6 +236,9 @@ class Engine:
         self.forget_window_ms = forget_window_ms
         self.clock = clock
         self.cut_flows = cut_flows
+        # Sources removed by the groups just processed, whose flows are cut once their callers
+        # have their answers (see ``_run``).
+        self._flows_to_cut: list[Address] = []
         self.view = StateView()
         self._queue: queue.SimpleQueue[_Pending | _Task | None] = queue.SimpleQueue()
         # Every entry's expiry time, stale ones (refreshed or removed since) included: an
@@ -430,6 +433,7 @@ class Engine:
                     with collector_paused() if self._large(group) else contextlib.nullcontext():
                         self._process(group)  # answers every request of the group
                     _hand_over(group)
+                    self._cut_flows()
                     group = []
                 if isinstance(item, _Task):
                     self._run_task(item)
@@ -644,9 +648,15 @@ class Engine:
                 Outcome(o.request_id, o.results, o.state_version, erased) if d.erase_subject else o
             )
             p.future.set_result(answer)
-        if removals:
-            # After answering: the sets already drop the source's original-direction packets.
-            self.cut_flows(e.key.address for e in removals)
+        self._flows_to_cut += (e.key.address for e in removals)
+
+    def _cut_flows(self) -> None:
+        """Cut the conntrack flows of the sources the last group removed, after its callers
+        were handed their answers: the sets already drop the sources' original-direction
+        packets, and finding the flows walks the conntrack table (tens of milliseconds)."""
+        if self._flows_to_cut:
+            addresses, self._flows_to_cut = self._flows_to_cut, []
+            self.cut_flows(addresses)
 
     def _start(self, beside: bool, transaction: Callable[[], object]) -> Future[object]:
         """The kernel transaction, on the kernel thread (``beside``) or here and now."""

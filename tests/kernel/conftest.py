@@ -24,10 +24,12 @@ def rig(lab: Lab) -> Rig:
 @pytest.fixture
 def make_engine(rig: Rig, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     """Starts writers over ``rig``'s table, each with its own store file (keyword arguments go
-    to ``Engine``); each is stopped and its store closed afterwards. Flows are not cut."""
+    to ``Engine``); each is stopped and its store closed afterwards. Flows are not cut unless
+    a ``cut_flows`` is given."""
     made: list[tuple[Engine, Store]] = []
 
     def make(**kwargs: Any) -> Engine:
+        kwargs.setdefault("cut_flows", lambda addresses: None)
         store = Store.open(tmp_path / f"state-{len(made)}.db")
         engine = Engine(
             store=store,
@@ -35,7 +37,6 @@ def make_engine(rig: Rig, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
             limits=Limits(max_entries=1000, set_size={4: 1000, 6: 1000}),
             profiles=("agent",),
             forget_window_ms=180_000,
-            cut_flows=lambda addresses: None,
             **kwargs,
         )
         engine.load()

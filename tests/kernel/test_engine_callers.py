@@ -7,22 +7,25 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 from tablekit import Rig
 
 from agent.engine import Engine
-from agent.model import AllowEntry
+from agent.model import Address, AllowEntry
 from agent.outcome import Outcome
-from agent.state import AllowCmd, Command, RequestMeta, StateView
+from agent.state import AllowCmd, Command, RequestMeta, RevokeCmd, StateView
+
+
+def meta(n: int, rpc: str) -> RequestMeta:
+    now = int(time.time() * 1000)
+    return RequestMeta(f"req-{n:04d}", rpc, now, now + 60_000, n.to_bytes(32, "big"), "cp")
 
 
 def allow(rig: Rig, n: int) -> AllowCmd:
-    now = int(time.time() * 1000)
-    meta = RequestMeta(f"req-{n:04d}", "Allow", now, now + 60_000, n.to_bytes(32, "big"), "cp")
     entry = AllowEntry(rig.key(f"198.18.7.{n}").address, "agent", 600, f"agent-{n}")
-    return AllowCmd(meta, (entry,))
+    return AllowCmd(meta(n, "Allow"), (entry,))
 
 
 class HeldWriter:
@@ -91,3 +94,31 @@ def test_a_caller_that_gives_up_leaves_its_request_applied_and_the_writer_going(
     assert later.state_version == 2
     assert in_set(rig) == {"198.18.7.1", "198.18.7.2"}
     assert engine.store.lookup_request("req-0001") is not None  # recorded, answerable on retry
+
+
+def test_a_revoke_is_answered_before_the_flows_of_its_sources_are_cut(
+    rig: Rig, make_engine: Callable[..., Engine]
+) -> None:
+    """The sets drop a revoked source at once; its conntrack flows, which take a walk over the
+    conntrack table to find, are cut after its caller has the answer."""
+    answered, cut_done = threading.Event(), threading.Event()
+    cuts: list[tuple[list[str], bool]] = []
+
+    def cut_flows(addresses: Iterable[Address]) -> None:
+        cuts.append(([a.text for a in addresses], answered.wait(5)))
+        cut_done.set()
+
+    engine = make_engine(cut_flows=cut_flows)
+    address = rig.key("198.18.7.1").address
+
+    async def caller() -> Outcome:
+        await engine.submit_async(allow(rig, 1))
+        outcome = await engine.submit_async(RevokeCmd(meta(2, "Revoke"), (address,), "", ""))
+        answered.set()
+        return outcome
+
+    outcome = asyncio.run(caller())
+
+    assert [r.address for r in outcome.results] == ["198.18.7.1"]
+    assert cut_done.wait(10)
+    assert cuts == [(["198.18.7.1"], True)]  # one cut, begun once the caller had its answer
