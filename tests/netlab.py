@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 # Short enough that a "not received" verdict keeps the suite fast, long enough for a veth hop.
 PROBE_TIMEOUT = 0.4
+HOST_PORT = 41000  # the client's port for flows the server initiates
 READY_TIMEOUT = 5.0
 
 _CLONE_NEWNET = 0x40000000
@@ -545,12 +546,47 @@ class UdpFlow:
         )
 
 
+class HostUdpFlow:
+    """A UDP flow the *server* starts from ``server:port`` to ``client:HOST_PORT``.
+
+    What Asterisk qualifying a registered phone looks like: the server's datagram makes the
+    conntrack entry, so the client's answers to ``server:port`` travel in the reply direction.
+    """
+
+    def __init__(self, lab: Lab, family: Family, src: str, port: int = 5060) -> None:
+        self.server = (lab.addr.server(family), port)
+        self.client = (src, HOST_PORT)
+        self._srv = lab.srv.socket(family, socket.SOCK_DGRAM)
+        self._cli = lab.cli.socket(family, socket.SOCK_DGRAM)
+        self._srv.bind(self.server)
+        self._cli.bind(self.client)
+
+    def __enter__(self) -> HostUdpFlow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._srv.close()
+        self._cli.close()
+
+    def server_sends(self) -> bool:
+        token = os.urandom(8)
+        self._srv.sendto(token, self.client)
+        return _receive(self._cli, token, PROBE_TIMEOUT) is not None
+
+    def client_answers(self) -> bool:
+        token = os.urandom(8)
+        self._cli.sendto(token, self.server)
+        return _receive(self._srv, token, PROBE_TIMEOUT) is not None
+
+
 __all__ = [
     "ADDR",
+    "HOST_PORT",
     "PROBE_TIMEOUT",
     "Addresses",
     "CommandFailed",
     "Family",
+    "HostUdpFlow",
     "Lab",
     "Netns",
     "Probe",

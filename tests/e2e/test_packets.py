@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from e2ekit import C, RawCaller, allow_entry, now_ms
-from netlab import Lab
+from netlab import ADDR, Family, HostUdpFlow, Lab
 
 from agent.rpc.client import AgentCallError, AgentClient, Entry
 from agent.rpc.pb import agent_pb2
@@ -23,6 +23,31 @@ def test_granted_source_passes_and_revoked_source_is_dropped(lab: Lab, client: A
     result = client.revoke([a.client4])
     assert [r.status for r in result.results] == [agent_pb2.REMOVED]
     assert not lab.reaches("udp", 5060, src=a.client4)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_revoke_cuts_the_flow_the_server_opened_to_the_source(
+    lab: Lab, client: AgentClient, family: Family
+) -> None:
+    """Asterisk qualifying a phone opens a flow whose answers pass as replies, past the sets;
+    the daemon deletes such flows of a revoked source (the IPv6 one by its /64, which holds the
+    server's own address: the flows of other sources stay)."""
+    source, stranger = lab.addr.client(family), (ADDR.client4_far, ADDR.client6_far)[family == 6]
+    client.allow([Entry(source, 600, "alice"), Entry(stranger, 600, "bob")])
+    with (
+        HostUdpFlow(lab, family, source) as qualify,
+        lab.udp_flow(src=stranger, port=4569) as other,
+    ):
+        assert qualify.server_sends()
+        assert qualify.client_answers()
+        assert other.exchange()
+
+        client.revoke([source])
+        # The flows are cut after the answer, before the writer takes its next request.
+        client.revoke([lab.addr.client4_alt])
+
+        assert not qualify.client_answers()
+        assert len(lab.srv.conntrack(*other.conntrack_args())) == 1
 
 
 def test_an_ipv6_grant_admits_its_slash_64(lab: Lab, client: AgentClient) -> None:

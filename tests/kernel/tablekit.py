@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from netlab import PROBE_TIMEOUT, Family, Lab, Proto
+from netlab import HOST_PORT, PROBE_TIMEOUT, Family, Lab, Proto
 
 from agent.config import AgentConfig, parse_config
 from agent.model import Element, EntryKey
@@ -54,7 +54,6 @@ PROTECTED: tuple[tuple[Proto, int], ...] = (
 )
 # Left open on purpose: RTP (carrier media) and HTTP 80 (ACME renewals), and a neighbour of SIP.
 UNPROTECTED: tuple[tuple[Proto, int], ...] = (("udp", 5062), ("tcp", 80), ("udp", 10000))
-HOST_PORT = 41000  # the client's port for flows the server initiates
 
 
 def config(firewall: str = "", sections: str = "") -> AgentConfig:
@@ -180,39 +179,6 @@ def loopback_reaches(lab: Lab, proto: Proto, family: Family, port: int) -> bool:
             return _receive(conn, token, PROBE_TIMEOUT)
 
 
-class HostUdpFlow:
-    """A UDP flow the *server* starts from ``server:port`` to ``client:HOST_PORT``.
-
-    What Asterisk qualifying a registered phone looks like: the server's datagram makes the
-    conntrack entry, so the client's answers to ``server:port`` travel in the reply direction.
-    """
-
-    def __init__(self, lab: Lab, family: Family, src: str, port: int = 5060) -> None:
-        self.server = (lab.addr.server(family), port)
-        self.client = (src, HOST_PORT)
-        self._srv = lab.srv.socket(family, socket.SOCK_DGRAM)
-        self._cli = lab.cli.socket(family, socket.SOCK_DGRAM)
-        self._srv.bind(self.server)
-        self._cli.bind(self.client)
-
-    def __enter__(self) -> HostUdpFlow:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._srv.close()
-        self._cli.close()
-
-    def server_sends(self) -> bool:
-        token = os.urandom(8)
-        self._srv.sendto(token, self.client)
-        return _receive(self._cli, token, PROBE_TIMEOUT)
-
-    def client_answers(self) -> bool:
-        token = os.urandom(8)
-        self._cli.sendto(token, self.server)
-        return _receive(self._srv, token, PROBE_TIMEOUT)
-
-
 def host_tcp_connection_works(lab: Lab, family: Family, src: str, port: int = 5060) -> bool:
     """The server connects from ``server:port`` to a client listener; the client's data arrives.
 
@@ -241,13 +207,11 @@ def host_tcp_connection_works(lab: Lab, family: Family, src: str, port: int = 50
 
 
 __all__ = [
-    "HOST_PORT",
     "OTHER",
     "OTHER_TABLE",
     "PROTECTED",
     "TABLE",
     "UNPROTECTED",
-    "HostUdpFlow",
     "Rig",
     "assert_unchanged",
     "config",

@@ -7,11 +7,10 @@ each test states one sentence of the spec as what arrives and what does not.
 from __future__ import annotations
 
 import pytest
-from netlab import ADDR, Family, Lab, Proto, wait_until
+from netlab import ADDR, Family, HostUdpFlow, Lab, Proto, wait_until
 from tablekit import (
     PROTECTED,
     UNPROTECTED,
-    HostUdpFlow,
     Rig,
     host_tcp_connection_works,
     loopback_reaches,
