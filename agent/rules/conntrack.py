@@ -149,9 +149,18 @@ def _candidates(ct: Conntrack, af: int, targets: list[Address], sources: _Source
     one where it is the reply source (flows the host initiated). A dump costs a walk over the
     conntrack hash table either way (~10 ms with 262,144 buckets). The kernel cannot match a
     prefix, so /64 entries and long lists fall back to one dump of the family, matched here.
+    Every flow returned is matched here too, so a kernel that ignores the filter costs time,
+    not correctness; one that refuses it gets the single dump.
     """
-    if len(targets) > FILTERED_LOOKUPS_MAX or any("/" in a.text for a in targets):
-        return list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af)))
+    if len(targets) <= FILTERED_LOOKUPS_MAX and not any("/" in a.text for a in targets):
+        try:
+            return _looked_up(ct, af, targets, sources)
+        except NetlinkError as exc:  # a kernel that refuses the filter: match every flow here
+            log.info("conntrack dump filter refused (%s); matching every flow", exc)
+    return list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af)))
+
+
+def _looked_up(ct: Conntrack, af: int, targets: list[Address], sources: _Sources) -> list[Any]:
     found: list[Any] = []
     for a in targets:
         found += ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, saddr=a.text))
