@@ -42,27 +42,32 @@ class ForgetResult:
 FILTERED_LOOKUPS_MAX = 8
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@dataclass(frozen=True, slots=True)
 class _Sources:
     """The revoked sources of one family, matched in constant time per flow: a Sync can revoke
     100,000 addresses while the host has thousands of flows.
 
-    The host's own addresses never match: the reply source of every flow coming in is one of
-    them, and a revoked /64 may be the host's own subnet (an office LAN), which would otherwise
-    cut every flow of the family.
+    The host's own addresses (``local``) never match: the reply source of every flow coming in
+    is one of them, and a revoked /64 may be the host's own subnet (an office LAN), which would
+    otherwise cut every flow of the family.
     """
 
-    def __init__(self, targets: list[Address], local: set[IPAddress]) -> None:
-        self.local = local
-        self.exact: set[IPAddress] = set()
-        self.prefixes: dict[int, set[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
-        for a in targets:
-            net = a.network
-            if net.prefixlen == net.max_prefixlen:
-                self.exact.add(net.network_address)
-            else:
-                self.prefixes.setdefault(net.prefixlen, set()).add(net)
+    local: frozenset[IPAddress]
+    exact: frozenset[IPAddress]
+    prefixes: dict[int, frozenset[IPNetwork]]  # by prefix length
+
+    @classmethod
+    def of(cls, targets: list[Address], local: set[IPAddress]) -> _Sources:
+        nets = [a.network for a in targets]
+        lengths = {n.prefixlen for n in nets if n.prefixlen < n.max_prefixlen}
+        return cls(
+            local=frozenset(local),
+            exact=frozenset(n.network_address for n in nets if n.prefixlen == n.max_prefixlen),
+            prefixes={n: frozenset(net for net in nets if net.prefixlen == n) for n in lengths},
+        )
 
     def match(self, ip: IPAddress | None) -> bool:
         if ip is None or ip in self.local:
@@ -110,7 +115,7 @@ def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
         return 0, len(targets)
-    sources = _Sources(targets, _local_addresses(af))
+    sources = _Sources.of(targets, _local_addresses(af))
     targets = [a for a in targets if a.network.network_address not in sources.local]
     deleted = failed = 0
     try:
