@@ -30,26 +30,28 @@ class EntryChanges(MutableMapping[K, V]):
         self._removed: set[K] = set()  # keys of ``base`` that are gone
         self._size = len(base)
 
+    # Each test of an empty change set is skipped: hashing a key is a Python call, and a group's
+    # first decision (a whole Sync) reads every key before anything has changed.
     def __getitem__(self, key: K) -> V:
-        if key in self._changed:
+        if self._changed and key in self._changed:
             return self._changed[key]
-        if key in self._removed:
+        if self._removed and key in self._removed:
             raise KeyError(key)
         return self.base[key]
 
     def get(self, key: K, default: V | None = None) -> V | None:  # type: ignore[override]
         # Mapping.get goes through __getitem__ and a raised KeyError; a decision asks for every
         # entry of a Sync, often for one that is not there.
-        if key in self._changed:
+        if self._changed and key in self._changed:
             return self._changed[key]
-        if key in self._removed:
+        if self._removed and key in self._removed:
             return default
         return self.base.get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        if key in self._changed:
+        if self._changed and key in self._changed:
             return True
-        return key not in self._removed and key in self.base
+        return not (self._removed and key in self._removed) and key in self.base
 
     def __setitem__(self, key: K, value: V) -> None:
         if key not in self:
