@@ -95,6 +95,10 @@ class Addresses:
     def client(self, family: Family) -> str:
         return self.client4 if family == 4 else self.client6
 
+    def far(self, family: Family) -> str:
+        """The client's source in another subnet."""
+        return self.client4_far if family == 4 else self.client6_far
+
 
 ADDR = Addresses()
 

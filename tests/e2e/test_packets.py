@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from e2ekit import C, RawCaller, allow_entry, now_ms
-from netlab import ADDR, Family, HostUdpFlow, Lab
+from netlab import Family, HostUdpFlow, Lab
 
 from agent.rpc.client import AgentCallError, AgentClient, Entry
 from agent.rpc.pb import agent_pb2
@@ -32,7 +32,7 @@ def test_a_revoke_cuts_the_flow_the_server_opened_to_the_source(
     """Asterisk qualifying a phone opens a flow whose answers pass as replies, past the sets;
     the daemon deletes such flows of a revoked source (the IPv6 one by its /64, which holds the
     server's own address: the flows of other sources stay)."""
-    source, stranger = lab.addr.client(family), {4: ADDR.client4_far, 6: ADDR.client6_far}[family]
+    source, stranger = lab.addr.client(family), lab.addr.far(family)
     client.allow([Entry(source, 600, "alice"), Entry(stranger, 600, "bob")])
     with (
         HostUdpFlow(lab, family, source) as qualify,

@@ -20,8 +20,6 @@ from tablekit import (
 from agent.rules.conntrack import FILTERED_LOOKUPS_MAX, forget_flows
 
 FAMILIES: list[Family] = [4, 6]
-# The sources of another subnet: never admitted by an entry for the client's own address.
-STRANGER = {4: ADDR.client4_far, 6: ADDR.client6_far}
 # A second address of the client's subnet: a different source under IPv4 (/32 entries).
 NEIGHBOUR4 = ADDR.client4_alt
 SIP: tuple[tuple[Proto, int], ...] = (("udp", 5060), ("tcp", 5060))
@@ -85,7 +83,7 @@ def test_entry_does_not_admit_another_source(rig: Rig, family: Family) -> None:
     rig.table.apply([rig.element(rig.lab.addr.client(family))])
 
     ports = SIP
-    assert verdicts(rig.lab, ports, STRANGER[family]) == everywhere(ports, False)
+    assert verdicts(rig.lab, ports, ADDR.far(family)) == everywhere(ports, False)
 
 
 def test_ipv4_entry_is_one_address(rig: Rig) -> None:
@@ -146,7 +144,7 @@ def test_forgetting_flows_keeps_the_flows_of_other_sources(rig: Rig, family: Fam
     """A single IPv4 address is looked up by the kernel's dump filter, an IPv6 /64 entry by
     matching every flow here: either way, only the revoked source loses its flows. The /64 holds
     the server's own address, the reply source of every flow coming in: that is not a match."""
-    src, other = rig.lab.addr.client(family), STRANGER[family]
+    src, other = rig.lab.addr.client(family), ADDR.far(family)
     rig.table.apply([rig.element(src), rig.element(other)])
     with rig.lab.udp_flow(src=src) as mine, rig.lab.udp_flow(src=other, port=4569) as theirs:
         assert mine.exchange()
