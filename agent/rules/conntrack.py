@@ -116,7 +116,6 @@ def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
         log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
         return 0, len(targets)
     sources = _Sources.of(targets, _local_addresses(af))
-    targets = [a for a in targets if a.network.network_address not in sources.local]
     deleted = failed = 0
     try:
         for entry in _candidates(ct, af, targets, sources):
@@ -168,6 +167,8 @@ def _candidates(ct: Conntrack, af: int, targets: list[Address], sources: _Source
 def _looked_up(ct: Conntrack, af: int, targets: list[Address], sources: _Sources) -> list[Any]:
     found: list[Any] = []
     for a in targets:
+        if ipaddress.ip_address(a.text) in sources.local:
+            continue  # never the revoked source (see _Sources), and the filter would take all
         found += ct.dump_entries(tuple_orig=NFCTAttrTuple(family=af, saddr=a.text))
         # Seen in the first dump already when the address is the original source too.
         found += (

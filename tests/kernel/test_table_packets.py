@@ -160,6 +160,20 @@ def test_forgetting_flows_keeps_the_flows_of_other_sources(rig: Rig, family: Fam
         assert theirs.exchange()
 
 
+def test_forgetting_the_servers_own_address_cuts_no_flow(rig: Rig) -> None:
+    """The server's address is the reply source of every flow coming in: revoking an entry for
+    it must not take them all."""
+    rig.table.apply([rig.element(rig.lab.addr.client(4))])
+    with rig.lab.udp_flow(family=4) as flow:
+        assert flow.exchange()
+
+        with rig.lab.srv.entered():
+            cut = forget_flows([rig.key(rig.lab.addr.server(4)).address])
+
+        assert (cut.deleted, cut.failed) == (0, 0)
+        assert len(rig.lab.srv.conntrack(*flow.conntrack_args())) == 1
+
+
 def test_forgetting_the_flows_of_many_addresses_matches_every_flow_once(rig: Rig) -> None:
     """Past the few addresses the kernel looks up one by one, a single dump is matched here:
     the flows of the listed sources go (including one the host initiated), the others stay."""
