@@ -173,6 +173,8 @@ class Daemon:
             drift_repairs=self.drift_repairs,
             expiries=self.engine.expiries,
             shadowing=bool(self.shadowing),
+            flows_cut=self.engine.flows_cut,
+            flow_cut_failures=self.engine.flow_cut_failures,
         )
 
     def health(self) -> Health:

@@ -30,7 +30,7 @@ from agent.group_records import commit_batch
 from agent.grouping import MAX_GROUP, linger_left
 from agent.model import Address, EntryKey
 from agent.outcome import Outcome
-from agent.rules.conntrack import forget_flows
+from agent.rules.conntrack import ForgetResult, forget_flows
 from agent.rules.nft import release_free_memory
 from agent.rules.table import FirewallTable
 from agent.state import (
@@ -227,7 +227,7 @@ class Engine:
         forget_window_ms: int,
         clock: Callable[[], float] = time.time,
         history: int = HISTORY,
-        cut_flows: Callable[[Iterable[Address]], object] = forget_flows,
+        cut_flows: Callable[[Iterable[Address]], ForgetResult] = forget_flows,
     ) -> None:
         self.store = store
         self.table = table
@@ -259,6 +259,9 @@ class Engine:
         self._expected = 0  # requests in the last group (see agent.grouping)
         # EXPIRED events published since start (read by the metrics; only the writer adds).
         self.expiries = 0
+        # Conntrack flows of revoked sources cut, and cuts that failed, since start (likewise).
+        self.flows_cut = 0
+        self.flow_cut_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -656,7 +659,9 @@ class Engine:
         packets, and finding the flows walks the conntrack table (tens of milliseconds)."""
         if self._flows_to_cut:
             addresses, self._flows_to_cut = self._flows_to_cut, []
-            self.cut_flows(addresses)
+            cut = self.cut_flows(addresses)
+            self.flows_cut += cut.deleted
+            self.flow_cut_failures += cut.failed
 
     def _start(self, beside: bool, transaction: Callable[[], object]) -> Future[object]:
         """The kernel transaction, on the kernel thread (``beside``) or here and now."""

@@ -37,7 +37,8 @@ def family_label(family: int) -> str:
 
 
 class StateCollector(Collector):
-    """Entries, fill ratio, expiring soon, state version, sync, drift, expiries, shadowing."""
+    """Entries, fill ratio, expiring soon, state version, sync, drift, expiries, shadowing,
+    conntrack flows cut."""
 
     def __init__(
         self,
@@ -119,6 +120,18 @@ class StateCollector(Collector):
             PREFIX + "expiries",
             "Allow entries that reached the end of their timeout and were removed.",
             value=status.expiries,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "flows_cut",
+            "Conntrack flows deleted because their source was revoked (they would otherwise "
+            "pass as replies).",
+            value=status.flows_cut,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "flow_cut_failures",
+            "Flows of revoked sources that could not be cut: a delete refused, a conntrack dump "
+            "broken off, or conntrack unavailable (one per revoked address).",
+            value=status.flow_cut_failures,
         )
 
 

@@ -20,8 +20,9 @@ from agent.state import Entry
 class SourceStatus:
     """The daemon's own figures about its table, as of the call.
 
-    ``drift_repairs`` and ``expiries`` are totals since the process started (Prometheus counters
-    restart with the process); ``last_verified_at_ms`` is 0 until a verification succeeded.
+    ``drift_repairs``, ``expiries``, ``flows_cut`` and ``flow_cut_failures`` are totals since
+    the process started (Prometheus counters restart with the process); ``last_verified_at_ms``
+    is 0 until a verification succeeded.
     """
 
     in_sync: bool
@@ -29,9 +30,12 @@ class SourceStatus:
     drift_repairs: int
     expiries: int
     shadowing: bool
+    flows_cut: int
+    flow_cut_failures: int
 
     def __post_init__(self) -> None:
-        if min(self.last_verified_at_ms, self.drift_repairs, self.expiries) < 0:
+        totals = (self.drift_repairs, self.expiries, self.flows_cut, self.flow_cut_failures)
+        if min(self.last_verified_at_ms, *totals) < 0:
             raise ValueError(f"figures must not be negative: {self}")
 
 

@@ -18,7 +18,7 @@ import pytest
 from e2ekit import AgentRig, RawCaller
 from netlab import Lab
 
-from agent.devlab import DevAgent, TcpRelay
+from agent.devlab import METRICS_PORT, DevAgent, TcpRelay
 from agent.rpc.client import AgentClient
 
 _ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
@@ -48,6 +48,15 @@ def client(agent: DevAgent, relay: TcpRelay) -> Iterator[AgentClient]:
 @pytest.fixture
 def raw(agent: DevAgent, relay: TcpRelay) -> Iterator[RawCaller]:
     r = RawCaller(agent, relay.address)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def metrics(agent: DevAgent) -> Iterator[TcpRelay]:
+    """A relay to the daemon's metrics listener (127.0.0.1 inside its namespace): what is
+    scraped through it (``e2ekit.scrape``) is what a local Prometheus would read."""
+    r = TcpRelay(agent.netns, ("127.0.0.1", METRICS_PORT))
     yield r
     r.close()
 

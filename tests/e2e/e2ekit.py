@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import time
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netlab import Lab, Netns
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devlab import DevAgent, TcpRelay
 from agent.rpc.client import AgentClient
@@ -368,3 +370,28 @@ class AgentRig:
             finally:
                 rig.raw.close()
                 relay.close()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+Labels = frozenset[tuple[str, str]]
+
+
+def scrape_text(relay: TcpRelay) -> str:
+    """One scrape of the daemon's metrics through ``relay`` (the ``metrics`` fixture's)."""
+    url = f"http://{relay.address}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.status == 200
+        return str(answer.read().decode())
+
+
+def scrape(relay: TcpRelay) -> dict[tuple[str, Labels], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(scrape_text(relay))
+        for s in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, Labels], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))

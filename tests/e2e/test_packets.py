@@ -6,9 +6,10 @@ dropped, a refused request opens nothing.
 from __future__ import annotations
 
 import pytest
-from e2ekit import C, RawCaller, allow_entry, now_ms
+from e2ekit import C, RawCaller, allow_entry, now_ms, scrape, value
 from netlab import Family, HostUdpFlow, Lab
 
+from agent.devlab import TcpRelay
 from agent.rpc.client import AgentCallError, AgentClient, Entry
 from agent.rpc.pb import agent_pb2
 
@@ -27,11 +28,11 @@ def test_granted_source_passes_and_revoked_source_is_dropped(lab: Lab, client: A
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_revoke_cuts_the_flow_the_server_opened_to_the_source(
-    lab: Lab, client: AgentClient, family: Family
+    lab: Lab, client: AgentClient, metrics: TcpRelay, family: Family
 ) -> None:
     """Asterisk qualifying a phone opens a flow whose answers pass as replies, past the sets;
     the daemon deletes such flows of a revoked source (the IPv6 one by its /64, which holds the
-    server's own address: the flows of other sources stay)."""
+    server's own address: the flows of other sources stay) and counts them."""
     source, stranger = lab.addr.client(family), lab.addr.far(family)
     client.allow([Entry(source, 600, "alice"), Entry(stranger, 600, "bob")])
     with (
@@ -48,6 +49,9 @@ def test_a_revoke_cuts_the_flow_the_server_opened_to_the_source(
 
         assert not qualify.client_answers()
         assert len(lab.srv.conntrack(*other.conntrack_args())) == 1
+        samples = scrape(metrics)
+        assert value(samples, "vicifast_agent_flows_cut_total") == 1
+        assert value(samples, "vicifast_agent_flow_cut_failures_total") == 0
 
 
 def test_an_ipv6_grant_admits_its_slash_64(lab: Lab, client: AgentClient) -> None:

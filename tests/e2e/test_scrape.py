@@ -7,47 +7,17 @@ a devlab relay, so what is read is exactly what a local Prometheus would scrape.
 from __future__ import annotations
 
 import subprocess
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from e2ekit import scrape, scrape_text, value
 from netlab import Lab, wait_until
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devlab import METRICS_PORT, DevAgent, TcpRelay
 from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.signing import private_key_from_pem
-
-Labels = frozenset[tuple[str, str]]
-
-
-@pytest.fixture
-def metrics(agent: DevAgent) -> Iterator[TcpRelay]:
-    relay = TcpRelay(agent.netns, ("127.0.0.1", METRICS_PORT))
-    yield relay
-    relay.close()
-
-
-def scrape_text(relay: TcpRelay) -> str:
-    url = f"http://{relay.address}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        assert answer.status == 200
-        return str(answer.read().decode())
-
-
-def scrape(relay: TcpRelay) -> dict[tuple[str, Labels], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(scrape_text(relay))
-        for s in family.samples
-    }
-
-
-def value(samples: dict[tuple[str, Labels], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def stranger(agent: DevAgent, target: str, *, signing: bool, cert: bool) -> AgentClient:

@@ -11,6 +11,7 @@ from netlab import Lab
 from tablekit import Rig, open_rig
 
 from agent.engine import Engine
+from agent.rules.conntrack import ForgetResult
 from agent.state import Limits
 from agent.store import Store
 
@@ -29,7 +30,7 @@ def make_engine(rig: Rig, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     made: list[tuple[Engine, Store]] = []
 
     def make(**kwargs: Any) -> Engine:
-        kwargs.setdefault("cut_flows", lambda addresses: None)
+        kwargs.setdefault("cut_flows", lambda addresses: ForgetResult(0, 0))
         store = Store.open(tmp_path / f"state-{len(made)}.db")
         engine = Engine(
             store=store,

@@ -10,11 +10,13 @@ import time
 from collections.abc import Callable, Iterable
 
 import pytest
+from netlab import wait_until
 from tablekit import Rig
 
 from agent.engine import Engine
 from agent.model import Address, AllowEntry
 from agent.outcome import Outcome
+from agent.rules.conntrack import ForgetResult
 from agent.state import AllowCmd, Command, RequestMeta, RevokeCmd, StateView
 
 
@@ -104,9 +106,10 @@ def test_a_revoke_is_answered_before_the_flows_of_its_sources_are_cut(
     answered, cut_done = threading.Event(), threading.Event()
     cuts: list[tuple[list[str], bool]] = []
 
-    def cut_flows(addresses: Iterable[Address]) -> None:
+    def cut_flows(addresses: Iterable[Address]) -> ForgetResult:
         cuts.append(([a.text for a in addresses], answered.wait(5)))
         cut_done.set()
+        return ForgetResult(deleted=2, failed=1)
 
     engine = make_engine(cut_flows=cut_flows)
     address = rig.key("198.18.7.1").address
@@ -122,3 +125,9 @@ def test_a_revoke_is_answered_before_the_flows_of_its_sources_are_cut(
     assert [r.address for r in outcome.results] == ["198.18.7.1"]
     assert cut_done.wait(10)
     assert cuts == [(["198.18.7.1"], True)]  # one cut, begun once the caller had its answer
+    # What the cut reported is added to the totals the metrics read.
+    wait_until(
+        lambda: (engine.flows_cut, engine.flow_cut_failures) == (2, 1),
+        timeout=5,
+        what="the cut's figures in the engine's totals",
+    )

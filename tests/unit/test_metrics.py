@@ -74,7 +74,13 @@ def entry(address: str, profile: str = "agent", expires_in_ms: int = 2 * HOUR_MS
 
 
 STATUS = SourceStatus(
-    in_sync=True, last_verified_at_ms=NOW_MS - 5000, drift_repairs=0, expiries=0, shadowing=False
+    in_sync=True,
+    last_verified_at_ms=NOW_MS - 5000,
+    drift_repairs=0,
+    expiries=0,
+    shadowing=False,
+    flows_cut=0,
+    flow_cut_failures=0,
 )
 
 
@@ -183,13 +189,34 @@ def test_entries_expiring_within_the_hour(expires_in_ms: int, counted: int) -> N
         (STATUS, "vicifast_agent_last_verification_timestamp_seconds", NOW_S - 5),
         (replace(STATUS, drift_repairs=3), "vicifast_agent_drift_repairs_total", 3),
         (replace(STATUS, expiries=41), "vicifast_agent_expiries_total", 41),
+        (replace(STATUS, flows_cut=7), "vicifast_agent_flows_cut_total", 7),
+        (replace(STATUS, flow_cut_failures=2), "vicifast_agent_flow_cut_failures_total", 2),
     ],
-    ids=["in-sync", "out-of-sync", "no-shadowing", "shadowing", "verified", "drift", "expiries"],
+    ids=[
+        "in-sync",
+        "out-of-sync",
+        "no-shadowing",
+        "shadowing",
+        "verified",
+        "drift",
+        "expiries",
+        "flows-cut",
+        "flow-cut-failures",
+    ],
 )
 def test_daemon_status_figures(status: SourceStatus, name: str, value: float) -> None:
     reg = state_registry(StandInSource(status=status))
 
     assert sample(reg, name) == value
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["last_verified_at_ms", "drift_repairs", "expiries", "flows_cut", "flow_cut_failures"],
+)
+def test_a_negative_figure_is_refused_where_the_status_is_made(field: str) -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        replace(STATUS, **{field: -1})
 
 
 def test_state_version_is_the_snapshots() -> None:
