@@ -67,6 +67,7 @@ HEALTHY = {
     f'{P}certificate_not_after_timestamp_seconds{{certificate="server"}}': f"{BIG}x120",
     f'{P}auth_failures_total{{reason="bad_signature"}}': "0x120",
     f"{P}kernel_transaction_failures_total": "0x120",
+    f"{P}flow_cut_failures_total": "0x120",
 }
 
 
@@ -140,6 +141,18 @@ CASES = [
         {f"{P}kernel_transaction_failures_total": "0 0 0 1x120"},
         "5m",
         ["VicifastAgentKernelTransactionsFailing"],
+    ),
+    Case(
+        "element conflicts were retried",
+        {f'{P}kernel_transaction_failures_total{{reason="element_conflict"}}': "0 0 0 1 2 3x120"},
+        "5m",
+        [],
+    ),
+    Case(
+        "a flow of a revoked source could not be cut",
+        {f"{P}flow_cut_failures_total": "0 0 0 1x120"},
+        "5m",
+        ["VicifastAgentFlowCutsFailing"],
     ),
 ]
 
