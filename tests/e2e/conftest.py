@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2ekit import AgentRig, RawCaller
+from e2ekit import AgentRig, RawCaller, metrics_relay
 from netlab import Lab
 
-from agent.devlab import METRICS_PORT, DevAgent, TcpRelay
+from agent.devlab import DevAgent, TcpRelay
 from agent.rpc.client import AgentClient
 
 _ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
@@ -54,9 +54,7 @@ def raw(agent: DevAgent, relay: TcpRelay) -> Iterator[RawCaller]:
 
 @pytest.fixture
 def metrics(agent: DevAgent) -> Iterator[TcpRelay]:
-    """A relay to the daemon's metrics listener (127.0.0.1 inside its namespace): what is
-    scraped through it (``e2ekit.scrape``) is what a local Prometheus would read."""
-    r = TcpRelay(agent.netns, ("127.0.0.1", METRICS_PORT))
+    r = metrics_relay(agent)
     yield r
     r.close()
 

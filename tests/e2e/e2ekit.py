@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from netlab import Lab, Netns
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.devlab import DevAgent, TcpRelay
+from agent.devlab import METRICS_PORT, DevAgent, TcpRelay
 from agent.rpc.client import AgentClient
 from agent.rpc.envelope import SignedRequest, pae, payload_type_for
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
@@ -375,6 +375,12 @@ class AgentRig:
 # --- metrics ---------------------------------------------------------------------------------
 
 Labels = frozenset[tuple[str, str]]
+
+
+def metrics_relay(agent: DevAgent) -> TcpRelay:
+    """A relay to ``agent``'s metrics listener (127.0.0.1 inside its namespace): what is
+    scraped through it is what a local Prometheus would read."""
+    return TcpRelay(agent.netns, ("127.0.0.1", METRICS_PORT))
 
 
 def scrape_text(relay: TcpRelay) -> str:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from e2ekit import scrape, scrape_text, value
+from e2ekit import metrics_relay, scrape, scrape_text, value
 from netlab import Lab, wait_until
 
-from agent.devlab import METRICS_PORT, DevAgent, TcpRelay
+from agent.devlab import DevAgent, TcpRelay
 from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.signing import private_key_from_pem
 
@@ -141,7 +141,7 @@ def test_promtool_finds_nothing_to_lint_in_a_real_scrape(
 def test_an_expired_entry_is_counted_and_leaves_the_entries_gauge(lab: Lab, tmp_path: Path) -> None:
     with DevAgent(tmp_path / "agent", lab.srv.name, extra_toml="[ttl]\nmin = 1\n") as dev:
         dev.start()
-        api, metrics = dev.relay(), TcpRelay(dev.netns, ("127.0.0.1", METRICS_PORT))
+        api, metrics = dev.relay(), metrics_relay(dev)
         client = dev.client(api.address)
         try:
             client.allow([Entry(lab.addr.client(4), 1, "alice")])
