@@ -5,10 +5,13 @@ poll), sd_notify READY/STATUS/WATCHDOG/RELOADING/STOPPING, the verification thre
 retention and the recovery from a corrupt store. It never flushes or deletes the table on the
 way out: entries keep working while the daemon is stopped, restarting or being upgraded.
 
-Start-up order: open the store (a corrupt one is moved aside and the entries are adopted from
-the kernel's table), listen to nf_tables notifications, converge kernel and store (restart:
-adopt the table; reboot: rebuild it with each entry's remaining timeout), start the writer and
-the verifier, listen on the gRPC port, and only then READY=1.
+Start-up order: take the state directory's lock (one daemon per state directory), read and
+check the TLS material, trusted keys and metrics TLS files (``agent.preflight``): nothing has
+touched the kernel yet, so a failure leaves the ruleset as it was. Then open the store (a
+corrupt one is moved aside and the entries are adopted from the kernel's table), listen to
+nf_tables notifications, converge kernel and store (first start: install the table; restart:
+adopt it; reboot: rebuild it with each entry's remaining timeout), start the writer and the
+verifier, listen on the gRPC port, and only then READY=1.
 
 WATCHDOG=1 is sent (when systemd asked for it with WATCHDOG_USEC) only while the engine's
 writer loop keeps turning, so a stuck writer gets the daemon restarted.
@@ -34,9 +37,11 @@ from agent.engine import TICK_S, Engine
 from agent.errors import AgentError
 from agent.local.server import serve_local
 from agent.metrics import SourceStatus, start_metrics
+from agent.metrics.http import TlsFiles
+from agent.preflight import StateDirUnusable, StateLock
 from agent.reconcile import UNCHANGED_STARTUP, Scope, adopt_kernel, converge_task, startup_scope
 from agent.rpc.auth import CallerPolicy
-from agent.rpc.server import AgentServer
+from agent.rpc.server import AgentServer, TlsMaterial
 from agent.rpc.service import FirewallAgentService, Health, Settings
 from agent.rpc.signing import trust_policy_from_config
 from agent.rules.monitor import NftMonitor, ruleset_fingerprint
@@ -62,11 +67,27 @@ WRITER_STALE_S = 2 * TICK_S + 0.5
 JOURNAL_FIELDS = ("REQUEST_ID", "CALLER", "RPC", "REASON")
 
 
+_notify_failed = threading.Event()  # set once the first failure was logged
+
+
 def _notify(message: str) -> None:
-    """sd_notify through libsystemd's binding; a no-op when not under systemd."""
+    """sd_notify through libsystemd's binding; a no-op when not under systemd.
+
+    A notification that cannot be sent (the socket was removed, systemd went away) is logged
+    once and otherwise ignored: systemd's bookkeeping must never stop the firewall.
+    """
     if not os.environ.get("NOTIFY_SOCKET"):
         return
-    systemd.daemon.notify(message)
+    try:
+        systemd.daemon.notify(message)
+    except OSError as exc:
+        if not _notify_failed.is_set():
+            _notify_failed.set()
+            log.warning(
+                "cannot notify systemd (%s); carrying on without notifications",
+                exc.strerror or type(exc).__name__,
+                extra={"REASON": "notify_failed"},
+            )
 
 
 def watchdog_interval_s() -> float | None:
@@ -188,7 +209,21 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
-        cfg.state.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Everything needed to serve is read and checked before the kernel is first touched, so
+        # a start that fails leaves the host's ruleset exactly as it was (README, "A start that
+        # fails"). AgentError (bad TLS material, keys, the lock held) ends in ``run`` below.
+        try:
+            self.lock = StateLock.take(cfg.state.directory)
+        except StateDirUnusable as exc:
+            log.error(
+                "cannot use the state directory: %s", exc.message, extra={"REASON": exc.reason}
+            )
+            return EXIT_STORE_UNUSABLE
+        material = TlsMaterial.load(cfg)  # parsed, key matching its certificate
+        settings = settings_for(cfg)  # the trusted signing keys decode
+        metrics_tls = TlsFiles.of(cfg.metrics)
+        if metrics_tls is not None:
+            metrics_tls.context()
         try:
             self.store = self._open_store(cfg.state.directory / "state.db")
         except StoreError as exc:
@@ -227,11 +262,13 @@ class Daemon:
         self.verifier.record(conv, startup=True)
         self.verifier.refresh_shadowing()
         self.verifier.start()
-        self.service = FirewallAgentService(self.engine, settings_for(cfg), health=self.health)
+        self.service = FirewallAgentService(self.engine, settings, health=self.health)
         self.metrics = start_metrics(
             cfg, self, nft=self.table.nft, nft_version=features.nft_version
         )
-        self.server = AgentServer(cfg, self.service, interceptors=[self.metrics.interceptor])
+        self.server = AgentServer(
+            cfg, self.service, interceptors=[self.metrics.interceptor], material=material
+        )
         self.server.start()
         self.local = serve_local(self)  # the on-host socket for the CLI (agent.local)
         signal.signal(signal.SIGTERM, self._on_stop)

@@ -1,6 +1,7 @@
 """The gRPC listener: mutual TLS, caller check, health, optional reflection, limits, reload.
 
-Owns the transport. TLS material is read from disk at start and on ``reload``; grpcio's dynamic
+Owns the transport. TLS material is read from disk and checked (``agent.preflight.verify_tls``)
+at start and on ``reload``; grpcio's dynamic
 server credentials ask ``_fetch`` on every new handshake, so new connections use new material
 while the listener and established connections stay up. gRPC core negotiates TLS 1.2 at least
 (1.3 preferred); the minimum is not configurable from Python and not lowered anywhere.
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
+from agent.preflight import verify_tls
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
 from agent.rpc.service import Context, FirewallAgentService, add_to_server
@@ -48,11 +50,15 @@ class TlsMaterial:
             except OSError as exc:
                 raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
 
-        return TlsMaterial(
+        material = TlsMaterial(
             cert_chain=read("api.server_cert", cfg.api.server_cert),
             private_key=read("api.server_key", cfg.api.server_key),
             client_ca=read("api.client_ca", cfg.api.client_ca),
         )
+        # Parsed and matched here, at start and on reload alike: gRPC core would only fail at
+        # the first handshake, long after a reload said it had worked.
+        verify_tls(material.cert_chain, material.private_key, material.client_ca)
+        return material
 
     def grpc_config(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
@@ -98,9 +104,11 @@ class AgentServer:
         service: FirewallAgentService,
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        material: TlsMaterial | None = None,
     ) -> None:
         self.service = service
-        self._material = TlsMaterial.load(cfg)
+        # The daemon passes what it loaded and checked before it first touched the kernel.
+        self._material = material if material is not None else TlsMaterial.load(cfg)
         self._fresh: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
