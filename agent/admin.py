@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +55,17 @@ def format_status(s: dict[str, Any]) -> str:
         f"  listening:     api {s['listen']['api']}, metrics {s['listen']['metrics']}, "
         f"local {s['listen']['local']}",
     ]
+    if "trusted_keys" in s:
+        keys = ", ".join(s["trusted_keys"]) or "NONE (no signed request can be accepted)"
+        lines.append(f"  trusted keys:  {keys}")
+    if "clock" in s:
+        c = s["clock"]
+        ntp = {True: "NTP synchronized", False: "NOT NTP synchronized", None: "NTP state unknown"}
+        lines.append(
+            f"  clock:         {utc_iso(int(c['now_ms']))}, {ntp[c['ntp_synchronized']]}; "
+            f"requests accepted within {c['clock_skew_s']} s of skew, "
+            f"valid for at most {c['max_window_s']} s"
+        )
     if not s["shadowing"]:
         lines.append("  shadowing:     none")
     for sh in s["shadowing"]:
@@ -233,17 +246,45 @@ def _doctor(args: argparse.Namespace) -> int:
         result = LocalClient(path, timeout=args.timeout).call("doctor")
         checks = [doctor.Check.from_json(c) for c in result["checks"]]
     except LocalUnreachable as exc:
-        checks = [doctor.daemon_unreachable(path, exc.reason)]
-        checks += doctor.offline_checks(Path(args.config), time.time())
+        checks = _offline(args, doctor.daemon_unreachable(path, exc.reason))
     except LocalCallError as exc:
-        checks = [doctor.daemon_unreachable(path, f"refused: {exc}")]
-        checks += doctor.offline_checks(Path(args.config), time.time())
+        checks = _offline(args, doctor.daemon_unreachable(path, f"refused: {exc}"))
     code = doctor.exit_code(checks)
     if args.json:
         print(json.dumps({"checks": [c.to_json() for c in checks], "exit_code": code}))
     else:
         print(doctor.render(checks))
     return code
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """The daemon's verdict on a reload: 0 reloaded, 3 refused (the reason printed), 4 no
+    daemon. With ``--pid`` and no local socket to ask, the old way: SIGHUP, verdict unknown."""
+    try:
+        result = LocalClient(_socket_path(args), timeout=args.timeout).call("reload")
+    except LocalUnreachable as exc:
+        if not args.pid:
+            _fail(args, "unreachable", exc.reason, str(exc.path))
+            return EXIT_UNREACHABLE
+        os.kill(args.pid, signal.SIGHUP)
+        print(
+            f"vicifast-agent reload: local socket {exc.path} unreachable ({exc.reason}); sent "
+            f"SIGHUP to pid {args.pid}: the verdict is in the journal (journalctl -u "
+            "vicifast-agent)",
+            file=sys.stderr,
+        )
+        return 0
+    except LocalCallError as exc:
+        _fail(args, exc.reason, exc.detail, exc.kind.value)
+        return EXIT_REFUSED
+    _print(args, result, f"reloaded configuration from {result['config']}")
+    return 0
+
+
+def _offline(args: argparse.Namespace, unreachable: doctor.Check) -> list[doctor.Check]:
+    privileges = doctor.privileges_check()
+    checks = [privileges] if privileges else []
+    return [*checks, unreachable, *doctor.offline_checks(Path(args.config), time.time())]
 
 
 def _why(args: argparse.Namespace) -> int:
@@ -303,6 +344,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("address", metavar="ADDRESS")
     p.add_argument("port", metavar="PORT/PROTO", help="e.g. 5060/udp")
     p.set_defaults(handler=_why)
+
+    p = sub.add_parser(
+        "reload",
+        help="reload the configuration and say whether the daemon took it",
+        description="Ask the running daemon to re-read its configuration, certificates, client "
+        "CA and trusted keys, and wait for its verdict: exit 0 reloaded, 3 refused (the "
+        "running configuration stays; the reason is printed), 4 the daemon is not reachable. "
+        "Root only. `systemctl reload vicifast-agent` runs this.",
+    )
+    _common(p)
+    p.add_argument(
+        "--pid",
+        type=int,
+        default=0,
+        help="if the local socket cannot be reached (disabled), send SIGHUP to this pid instead",
+    )
+    p.set_defaults(handler=_reload)
 
     p = sub.add_parser(
         "audit", help="the audit log: who changed which entry, by request id, subject or address"

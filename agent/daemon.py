@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -57,6 +58,7 @@ from agent.verify import Verifier
 log = logging.getLogger("vicifast-agent")
 PURGE_EVERY_S = 300.0
 STOP_GRACE_S = 10.0
+RELOAD_WAIT_S = 60.0  # a reload reads a few files: this only bounds a stuck main loop
 HEAP_ARENAS = 2  # see agent.rules.nft.limit_heap_arenas
 # Exit status for "the state directory cannot be used": the unit must not restart on it
 # (RestartPreventExitStatus=), since a restart cannot fix a permission or I/O problem.
@@ -156,6 +158,9 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.wake = threading.Event()
         self.recovered_store: Path | None = None  # where a corrupt store was moved aside
+        # Callers waiting for the verdict of the next reload (the local socket's "reload").
+        self._reload_waiters: list[Future[AgentError | None]] = []
+        self._reload_lock = threading.Lock()
         self._status: Status | None = None
 
     # --- what other parts read (metrics, GetState, the local socket, doctor) -----------------
@@ -387,8 +392,12 @@ class Daemon:
             if self.stop_requested.is_set():
                 return
             if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self.reload()
+                with self._reload_lock:
+                    self.reload_requested.clear()
+                    waiters, self._reload_waiters = self._reload_waiters, []
+                verdict = self.reload()
+                for waiter in waiters:
+                    waiter.set_result(verdict)
             # Fed only while the engine's writer loop keeps turning.
             if watchdog and time.monotonic() - self.engine.last_loop_at < WRITER_STALE_S:
                 _notify("WATCHDOG=1")
@@ -410,8 +419,21 @@ class Daemon:
         except AgentError:
             log.exception("retention purge failed")
 
-    def reload(self) -> None:
+    def request_reload(self) -> AgentError | None:
+        """Ask the main loop to reload and wait for its verdict: None, or why it refused."""
+        waiter: Future[AgentError | None] = Future()
+        with self._reload_lock:
+            self._reload_waiters.append(waiter)
+            self.reload_requested.set()
+        self.wake.set()
+        return waiter.result(timeout=RELOAD_WAIT_S)
+
+    def reload(self) -> AgentError | None:
         """Re-read config, certificates, client CA and trusted keys; keep the old on error.
+
+        Everything is read and checked before anything is swapped in: the server key must parse
+        and match its certificate, the client CA and the trusted keys must parse, as at start
+        (``agent.preflight``). Returns None, or the error the reload was refused for.
 
         The listener and calls in flight are untouched: new TLS handshakes use the new
         material, each call sees either the old or the new settings whole. Firewall and state
@@ -420,8 +442,13 @@ class Daemon:
         _notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             cfg = load_config(self.config_path)
-            settings = settings_for(cfg)
-            self.server.reload(cfg)
+            settings = settings_for(cfg)  # the trusted keys decode
+            material = TlsMaterial.load(cfg)  # parsed, the key matching its certificate
+            metrics_tls = TlsFiles.of(cfg.metrics)
+            if metrics_tls is not None:
+                metrics_tls.context()
+            # Only now, with everything checked, is anything swapped in.
+            self.server.reload(cfg, material=material)
             self.metrics.reload(cfg)
         except AgentError as exc:
             log.error(
@@ -429,7 +456,9 @@ class Daemon:
                 exc.message,
                 extra={"REASON": exc.reason},
             )
+            refused: AgentError | None = exc
         else:
+            refused = None
             if cfg.firewall != self.cfg.firewall or cfg.state != self.cfg.state:
                 log.warning("firewall and state settings changed: they apply at the next restart")
             self.cfg = cfg
@@ -438,6 +467,7 @@ class Daemon:
             self.verifier.elements_interval_s = cfg.verify.elements_interval_s
             log.info("reloaded configuration from %s", self.config_path)
         _notify("READY=1")
+        return refused
 
     def _shutdown(self) -> None:
         _notify("STOPPING=1")

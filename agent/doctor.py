@@ -5,6 +5,9 @@ kernel view) when asked over the local socket; when the daemon cannot be reached
 the ones that need only files (config, state directory, certificates, clock) itself. Checks
 only read: they never repair, restart or edit anything.
 
+Run without root while the daemon cannot be asked, doctor says so first ("privileges", a
+warning) and marks each check it could not run "not checked" (info): never a traceback.
+
 Exit code: 0 when every check is ok (``info`` lines do not count), 1 when the worst is a
 warning (works now, needs attention: a certificate expiring within 14 days, a state directory
 others can read, low disk space, a clock that went backwards, a table not yet back in sync), 2
@@ -31,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.config import AgentConfig, ApiConfig, load_config
 from agent.errors import ConfigError
+from agent.preflight import SERVICE_USER, ServiceUser, readiness_problems, service_user
 from agent.rules.shadowing import Shadow
 
 EXPIRY_WARNING = dt.timedelta(days=14)
@@ -109,8 +113,10 @@ def check_config_file(path: Path) -> tuple[Check, AgentConfig | None]:
     return Check("config", Level.OK, f"{path} parses (agent_id {cfg.agent_id})"), cfg
 
 
-def check_state_dir(directory: Path, *, euid: int | None = None) -> list[Check]:
-    euid = os.geteuid() if euid is None else euid
+def check_state_dir(directory: Path, *, owner: ServiceUser | None = None) -> list[Check]:
+    """The state directory as the daemon needs it: owned by the user it runs as (``owner``,
+    by default the unit's user: systemd's StateDirectory= makes it so), mode 0700."""
+    owner = _daemon_user() if owner is None else owner
     try:
         st = directory.stat()
     except FileNotFoundError:
@@ -122,32 +128,59 @@ def check_state_dir(directory: Path, *, euid: int | None = None) -> list[Check]:
                 "the daemon creates it at start; if it is running, something removed it",
             )
         ]
+    except PermissionError:
+        return [_needs_root("state directory", directory)]
     except OSError as exc:
         return [Check("state directory", Level.PROBLEM, f"{directory}: {exc.strerror}")]
     if not stat.S_ISDIR(st.st_mode):
         return [Check("state directory", Level.PROBLEM, f"{directory} is not a directory")]
-    checks = [_dir_permissions(directory, st, euid), _disk_space(directory)]
+    checks = [_dir_permissions(directory, st, owner), _disk_space(directory)]
     checks.append(_database(directory / "state.db"))
     return checks
 
 
-def _dir_permissions(directory: Path, st: os.stat_result, euid: int) -> Check:
+def _daemon_user() -> ServiceUser:
+    """Whom the daemon runs as when it runs as the unit says: the unit's user if it exists on
+    this host (whoever runs doctor), else root (a dev machine: the daemon needs root there)."""
+    try:
+        return service_user(SERVICE_USER)
+    except ConfigError:
+        return ServiceUser("root", 0, 0)
+
+
+def _as_daemon() -> bool:
+    """Whether this process sees files as the daemon does: root, or the daemon's own user."""
+    return os.geteuid() == 0 or service_user().name == SERVICE_USER
+
+
+def _needs_root(name: str, path: Path) -> Check:
+    return Check(
+        name,
+        Level.INFO,
+        f"not checked: {path} is not readable by uid {os.geteuid()}",
+        "run doctor as root for this check",
+    )
+
+
+def _dir_permissions(directory: Path, st: os.stat_result, owner: ServiceUser) -> Check:
     mode = stat.S_IMODE(st.st_mode)
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if _as_daemon() and not os.access(directory, os.W_OK | os.X_OK):
         return Check(
             "state directory",
             Level.PROBLEM,
             f"{directory} is not writable",
             "the daemon cannot record changes; check ownership and the read-only mounts",
         )
-    if mode & 0o077 or st.st_uid != euid:
+    if mode & 0o077 or st.st_uid != owner.uid:
         return Check(
             "state directory",
             Level.WARNING,
-            f"{directory} has mode {mode:04o}, owner uid {st.st_uid}; expected 0700, uid {euid}",
-            f"it holds subjects and addresses: chmod 0700 {directory}",
+            f"{directory} has mode {mode:04o}, owner uid {st.st_uid}; expected 0700, owned by "
+            f"{owner.name} (uid {owner.uid}), the user the daemon runs as",
+            f"it holds subjects and addresses: chown {owner.name}: {directory} && "
+            f"chmod 0700 {directory}",
         )
-    return Check("state directory", Level.OK, f"{directory} exists, mode 0700, writable")
+    return Check("state directory", Level.OK, f"{directory} exists, mode 0700, owner {owner.name}")
 
 
 def _disk_space(directory: Path) -> Check:
@@ -164,6 +197,12 @@ def _disk_space(directory: Path) -> Check:
 
 
 def _database(path: Path) -> Check:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return Check("state database", Level.INFO, f"{path} does not exist yet")
+    except PermissionError:
+        return _needs_root("state database", path)
     if not path.exists():
         return Check("state database", Level.INFO, f"{path} does not exist yet")
     try:
@@ -219,6 +258,12 @@ def check_certificates(api: ApiConfig, now: dt.datetime) -> list[Check]:
     for label, path in (("server certificate", api.server_cert), ("client CA", api.client_ca)):
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except PermissionError:
+            if os.geteuid() != 0:
+                checks.append(_needs_root(label, path))
+                continue
+            checks.append(Check(label, Level.PROBLEM, f"cannot read {path}: permission denied"))
+            continue
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not a PEM certificate"
             checks.append(Check(label, Level.PROBLEM, f"cannot read {path}: {why}"))
@@ -233,6 +278,10 @@ def check_certificates(api: ApiConfig, now: dt.datetime) -> list[Check]:
 def _key_matches(key_path: Path, cert: x509.Certificate) -> Check:
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except PermissionError as exc:
+        if os.geteuid() != 0:
+            return _needs_root("server key", key_path)
+        return Check("server key", Level.PROBLEM, f"cannot read {key_path}: {exc.strerror}")
     except (OSError, ValueError, TypeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not an unencrypted PEM private key"
         return Check("server key", Level.PROBLEM, f"cannot read {key_path}: {why}")
@@ -302,12 +351,61 @@ def offline_checks(config_path: Path, now_s: float) -> list[Check]:
         return checks
     checks += check_state_dir(cfg.state.directory)
     checks += check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
+    checks += check_readiness(cfg)
     checks.append(
         check_clock(
             now_s, reference_mtimes=reference_mtimes(cfg), synchronized=clock_synchronized()
         )
     )
     return checks
+
+
+def check_readiness(cfg: AgentConfig) -> list[Check]:
+    """``check-config``'s refusals (placeholder agent_id, no trusted key, private keys others
+    may read or a wrong user owns, files the daemon's user cannot read), one check each."""
+    user = service_user()
+    problems = readiness_problems(cfg, user, files=_as_daemon(), verify=False)
+    files = {
+        "api.server_cert": cfg.api.server_cert,
+        "api.server_key": cfg.api.server_key,
+        "api.client_ca": cfg.api.client_ca,
+    }
+    checks = [
+        Check(
+            "readiness",
+            Level.PROBLEM,
+            p.detail,
+            "fix it, then run `vicifast-agent check-config` (it names the same problems)",
+        )
+        for p in problems
+        # A file nobody can read is already a problem of the certificate checks above.
+        if p.key not in files or os.access(files[p.key], os.R_OK)
+    ]
+    if not _as_daemon():
+        checks.append(
+            Check(
+                "readiness",
+                Level.INFO,
+                f"not checked: whether {_daemon_user().name} may read the TLS files and keys",
+                "run doctor as root for this check",
+            )
+        )
+    if not checks:
+        checks.append(Check("readiness", Level.OK, "ready to serve: agent_id, trusted keys, keys"))
+    return checks
+
+
+def privileges_check() -> Check | None:
+    """Said first when doctor runs without root and the daemon could not run the checks."""
+    if os.geteuid() == 0:
+        return None
+    return Check(
+        "privileges",
+        Level.WARNING,
+        f"doctor runs as uid {os.geteuid()}, not root: checks of files only root or the "
+        "daemon's user may read are marked 'not checked'",
+        "run it as root: sudo vicifast-agent doctor",
+    )
 
 
 def reference_mtimes(cfg: AgentConfig) -> dict[str, float]:

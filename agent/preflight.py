@@ -29,6 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError, ErrorKind
 
 # The unit's User= (systemd/vicifast-agent.service). check-config run by root checks file
@@ -183,6 +184,20 @@ def service_user(requested: str | None = None) -> ServiceUser:
         name = pwd.getpwuid(euid).pw_name
     except KeyError:
         name = str(euid)
+    note = ""
+    if name != SERVICE_USER:
+        note = f"run by {name}, not root: files checked as {name}; as root they are checked as "
+        note += f"the daemon's user ({SERVICE_USER})"
+    return ServiceUser(name, euid, os.getegid(), note=note)
+
+
+def current_user() -> ServiceUser:
+    """The user this process runs as (the daemon: whom it really runs as)."""
+    euid = os.geteuid()
+    try:
+        name = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        name = str(euid)
     return ServiceUser(name, euid, os.getegid())
 
 
@@ -269,3 +284,82 @@ def unreadable_as(user: ServiceUser, paths: list[Path]) -> dict[Path, str]:
         return {p: f"cannot check as {user.name}: {done.stderr.strip()[-200:]}" for p in paths}
     answers: dict[str, str] = json.loads(done.stdout)
     return {Path(p): why for p, why in answers.items() if why}
+
+
+# The shipped example's agent_id (packaging/agent.toml): no control plane names a real server so.
+PLACEHOLDER_AGENT_ID = "dialer-01.example.com"
+
+
+def readiness_problems(
+    cfg: AgentConfig, user: ServiceUser, *, files: bool = True, verify: bool = True
+) -> list[ConfigError]:
+    """What stops a valid configuration from serving a control plane, as ``user`` would run it.
+
+    ``check-config`` refuses on any of these; ``doctor`` reports them. The daemon itself checks
+    the material it reads (``verify_tls``) but not the identity choices below: a dev or test
+    configuration may run without them.
+    """
+    found: list[ConfigError] = []
+    if cfg.agent_id == PLACEHOLDER_AGENT_ID:
+        found.append(
+            ConfigError(
+                "agent_id",
+                f"still the example's {PLACEHOLDER_AGENT_ID!r}; set this server's own id, the "
+                "one the control plane signs its requests for",
+            )
+        )
+    if not cfg.signing.trusted_keys:
+        found.append(
+            ConfigError(
+                "signing.trusted_keys",
+                "no trusted key: no signed request could ever be accepted; add the control "
+                'plane\'s key under [signing.trusted_keys] as "KEYID" = "BASE64-PUBLIC-KEY"',
+            )
+        )
+    if files:
+        found += _file_problems(cfg, user, verify=verify)
+    return found
+
+
+def _file_problems(cfg: AgentConfig, user: ServiceUser, *, verify: bool) -> list[ConfigError]:
+    found: list[ConfigError] = []
+    tls_files = [
+        ("api.server_cert", cfg.api.server_cert),
+        ("api.server_key", cfg.api.server_key),
+        ("api.client_ca", cfg.api.client_ca),
+    ]
+    if cfg.metrics.tls_cert is not None and cfg.metrics.tls_key is not None:
+        tls_files += [
+            ("metrics.tls_cert", cfg.metrics.tls_cert),
+            ("metrics.tls_key", cfg.metrics.tls_key),
+        ]
+    unreadable = unreadable_as(user, [path for _, path in tls_files])
+    for key, path in tls_files:
+        if path in unreadable:
+            found.append(
+                ConfigError(
+                    key,
+                    f"{path}: {unreadable[path]} for user {user.name}, whom the daemon runs as; "
+                    "fix the path, the file's owner/group or mode, or its directory's",
+                )
+            )
+    for key, path in tls_files:
+        if key.endswith("_key"):
+            found += key_file_problems(key, path, user)
+    if not verify:
+        return found
+    if not any(p.key.startswith("api.") for p in found):
+        try:
+            verify_tls(*(path.read_bytes() for _, path in tls_files[:3]))
+        except ConfigError as exc:
+            found.append(exc)
+        except OSError:
+            pass  # readable by the service user but not by whoever checks: nothing to add
+    if len(tls_files) > 3 and not any(p.key.startswith("metrics.") for p in found):
+        from agent.metrics.http import TlsFiles  # noqa: PLC0415  # prometheus only if needed
+
+        try:
+            TlsFiles(tls_files[3][1], tls_files[4][1]).context()
+        except ConfigError as exc:
+            found.append(exc)
+    return found

@@ -54,6 +54,12 @@ def authorize_history(peer: Peer) -> None:
         )
 
 
+def authorize_reload(peer: Peer) -> None:
+    """Root only, as ``systemctl reload`` is (the unit's ExecReload runs it as root)."""
+    if peer.uid != 0:
+        raise PermissionDenied("local_root_only", f"uid {peer.uid}: only root may reload")
+
+
 @dataclass(frozen=True, slots=True)
 class LocalTtl:
     seconds: int

@@ -240,6 +240,8 @@ class DaemonParts(Protocol):
 
     def health(self) -> Health: ...
 
+    def request_reload(self) -> AgentError | None: ...
+
     @property
     def shadowing(self) -> tuple[Shadow, ...]: ...
 
@@ -260,6 +262,7 @@ def serve_local(daemon: DaemonParts) -> LocalServer:
         config_path=daemon.config_path,
         health=daemon.health,
         shadowing=lambda: daemon.shadowing,
+        reload=daemon.request_reload,
     )
     server = LocalServer(lambda: daemon.cfg.local, service)
     if daemon.cfg.local.enabled:

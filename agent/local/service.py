@@ -23,12 +23,19 @@ from typing import Any
 from agent import __version__, doctor
 from agent.config import AgentConfig, Profile
 from agent.engine import Engine
-from agent.errors import AgentError, InvalidArgument
-from agent.local.access import Peer, authorize_history, local_request_id, local_ttl
+from agent.errors import AgentError, InvalidArgument, Unavailable
+from agent.local.access import (
+    Peer,
+    authorize_history,
+    authorize_reload,
+    local_request_id,
+    local_ttl,
+)
 from agent.local.kernel_view import read_other_input_chains
 from agent.local.wire import LocalRequest, arg_int, arg_str, arg_strings
 from agent.outcome import Outcome
 from agent.policy import normalize_address
+from agent.preflight import current_user
 from agent.rpc import convert
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import Health
@@ -93,6 +100,7 @@ class LocalService:
         health: Callable[[], Health] = Health,
         shadowing: Callable[[], Sequence[Shadow]] = tuple,
         clock: Callable[[], float] = time.time,
+        reload: Callable[[], AgentError | None] | None = None,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -101,6 +109,7 @@ class LocalService:
         self.health = health
         self.shadowing = shadowing
         self.clock = clock
+        self.reload = reload
         self.started_at_ms = int(clock() * 1000)
 
     def handle(self, request: LocalRequest, peer: Peer) -> dict[str, Any]:
@@ -112,8 +121,20 @@ class LocalService:
             "doctor": self._doctor,
             "why": self._why,
             "audit": self._audit,
+            "reload": self._reload,
         }
         return handlers[request.op](request.args, peer)
+
+    def _reload(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Reload the configuration and answer with the daemon's verdict (``systemctl
+        reload``'s ExecReload waits for it): a refusal is the reason it was refused."""
+        authorize_reload(peer)
+        if self.reload is None:
+            raise Unavailable("reload_unavailable", "this daemon cannot be reloaded from here")
+        refused = self.reload()
+        if refused is not None:
+            raise refused
+        return {"reloaded": True, "config": str(self.config_path)}
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -148,6 +169,14 @@ class LocalService:
                 "local": str(cfg.local.socket),
             },
             "local_ttl_cap_s": cfg.local.ttl_cap_s,
+            # What a refused signature is checked against (the AuthFailuresSpiking runbook).
+            "trusted_keys": [keyid for keyid, _ in cfg.signing.trusted_keys],
+            "clock": {
+                "now_ms": self._now_ms(),
+                "ntp_synchronized": doctor.clock_synchronized(),
+                "clock_skew_s": cfg.signing.clock_skew_s,
+                "max_window_s": cfg.signing.max_window_s,
+            },
         }
 
     def _list(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -214,8 +243,9 @@ class LocalService:
                     "the daemon repairs drift on its own; see its log if this persists",
                 )
             )
-        checks += doctor.check_state_dir(cfg.state.directory)
+        checks += doctor.check_state_dir(cfg.state.directory, owner=current_user())
         checks += doctor.check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
+        checks += doctor.check_readiness(cfg)
         checks.append(
             doctor.check_clock(
                 now_s,

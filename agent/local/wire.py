@@ -19,7 +19,7 @@ from typing import Any
 from agent.errors import AgentError, ErrorKind, InvalidArgument
 
 MAX_REQUEST_BYTES = 64 * 1024
-OPS = ("status", "list", "allow", "revoke", "doctor", "why", "audit")
+OPS = ("status", "list", "allow", "revoke", "doctor", "why", "audit", "reload")
 CHANGING_OPS = frozenset({"allow", "revoke"})
 
 

@@ -171,9 +171,10 @@ class AgentServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def reload(self, cfg: AgentConfig) -> None:
-        """Re-read certificate, key and client CA for new handshakes; raise if unreadable."""
-        material = TlsMaterial.load(cfg)
+    def reload(self, cfg: AgentConfig, *, material: TlsMaterial | None = None) -> None:
+        """Re-read certificate, key and client CA for new handshakes; raise ``ConfigError``
+        (keeping the current material) if they cannot be read, parsed or do not match."""
+        material = TlsMaterial.load(cfg) if material is None else material
         with self._lock:
             if material != self._material:
                 self._material = material

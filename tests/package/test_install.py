@@ -212,11 +212,27 @@ def test_reload_rotates_the_server_certificate(system: System, caller: Caller) -
     rotated = system.pki.issue_server_cert("server-rotated")
     install_server_cert(c, rotated.cert, rotated.key)
     cursor = c.journal_cursor()
-    c.run("systemctl", "reload", UNIT)
-    # ExecReload only sends SIGHUP: the daemon says when the new material is in use.
+    c.run("systemctl", "reload", UNIT)  # ExecReload returns with the daemon's verdict
     c.await_journal(UNIT, [r"^reloaded configuration from "], after=cursor, timeout=20)
     assert caller.served_certificate() == der(rotated.cert)
     assert main_pid(c) == pid  # reloaded in place, not restarted
+    assert is_active(c) == "active"
+    assert len(caller.client.state().entries) == 2
+
+
+def test_a_refused_reload_fails_systemctl_reload(system: System, caller: Caller) -> None:
+    c = system.container
+    pid = main_pid(c)
+    c.put("/etc/vicifast-agent/agent.toml", b"no_such_key = 1\n" + config_toml(system.pki).encode())
+    cursor = c.journal_cursor()
+    refused = c.run("systemctl", "reload", UNIT, check=False)
+    assert refused.returncode != 0
+    c.await_journal(
+        UNIT, [r"^reload refused, keeping the running configuration"], after=cursor, timeout=20
+    )
+    c.put("/etc/vicifast-agent/agent.toml", config_toml(system.pki).encode())
+    c.run("systemctl", "reload", UNIT)
+    assert main_pid(c) == pid
     assert is_active(c) == "active"
     assert len(caller.client.state().entries) == 2
 
