@@ -40,8 +40,17 @@ def cli(dev: DevAgent, command: str, *argv: str) -> subprocess.CompletedProcess[
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     socket_path = str(dev.local_socket)
     return subprocess.run(
-        [sys.executable, "-m", "agent", command, "--socket", socket_path, *argv]
-        + ["--config", str(dev.config_path)],
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            command,
+            "--socket",
+            socket_path,
+            *argv,
+            "--config",
+            str(dev.config_path),
+        ],
         capture_output=True,
         text=True,
         env=env,
