@@ -110,14 +110,29 @@ class _FieldsFormatter(logging.Formatter):
         return f"{text} [{' '.join(fields)}]" if fields else text
 
 
+def stderr_is_the_journal() -> bool:
+    """Whether stderr is systemd's journal stream: $JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)). A shell started from a service inherits the variable with another stderr,
+    and a foreground run from a terminal has none: both log to stderr."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup_logging() -> None:
-    """journald with structured fields under systemd (JOURNAL_STREAM), stderr otherwise.
+    """journald with structured fields when stderr is the journal (under the unit), stderr
+    with the fields appended otherwise (``vicifast-agent run`` in a terminal).
 
     Callers pass fields as ``extra={"REQUEST_ID": ..., "REASON": ...}``; the journal handler
     sends every upper-case record attribute as a journal field.
     """
     handler: logging.Handler
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+    if stderr_is_the_journal():
         handler = systemd.journal.JournalHandler(SYSLOG_IDENTIFIER="vicifast-agent")
         # The level and logger travel as journal fields (PRIORITY, LOGGER): the message alone,
         # not basicConfig's "INFO:vicifast-agent:" prefix in front of every line.

@@ -288,6 +288,8 @@ def unreadable_as(user: ServiceUser, paths: list[Path]) -> dict[Path, str]:
 
 # The shipped example's agent_id (packaging/agent.toml): no control plane names a real server so.
 PLACEHOLDER_AGENT_ID = "dialer-01.example.com"
+EXAMPLE_KEYID = "ed25519:519493acbc3adb7b"  # packaging/agent.toml's commented example
+EXAMPLE_PUBLIC_KEY = "6WmnEt2anqY1en52KAsvow3M/XktoiYoF6Vd8hrYsvs="
 
 
 def readiness_problems(
@@ -308,6 +310,15 @@ def readiness_problems(
                 "one the control plane signs its requests for",
             )
         )
+    for keyid, public in cfg.signing.trusted_keys:
+        if keyid == EXAMPLE_KEYID or public == EXAMPLE_PUBLIC_KEY:
+            found.append(
+                ConfigError(
+                    f'signing.trusted_keys."{keyid}"',
+                    "the example's key, which nobody holds; put your control plane's key id "
+                    "and public key in its place",
+                )
+            )
     if not cfg.signing.trusted_keys:
         found.append(
             ConfigError(

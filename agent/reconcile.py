@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
@@ -99,6 +99,9 @@ class Convergence:
     expired: int = 0
     structure_repaired: tuple[str, ...] = ()  # what of the structure was missing
     events: tuple[Event, ...] = ()
+    # At start-up there was no table at all (a first install, a reboot): installing it is no
+    # drift, and is not logged as one.
+    table_installed: bool = False
 
     @property
     def drift(self) -> bool:
@@ -107,7 +110,9 @@ class Convergence:
 
     def describe(self) -> str:
         parts = []
-        if self.structure_repaired:
+        if self.table_installed:
+            parts.append("table installed")
+        elif self.structure_repaired:
             parts.append("structure restored (" + ", ".join(self.structure_repaired) + ")")
         parts += [
             f"{n} {what}"
@@ -302,12 +307,14 @@ def converge(
     """
     cfg = table.cfg
     broken: list[str] = []
+    absent = False
     all_sets = [(p.name, fam) for p in cfg.profiles for fam in (4, 6)]
     wanted = [s for s in all_sets if scope.sets is None or render.allow_set(*s) in scope.sets]
     readable = wanted
     if scope.structure or scope.install:
         live = read_structure(table.nft, cfg.table)
         broken = expected_structure(cfg).missing_from(live)
+        absent = scope.install and not (live.chains or live.sets)
         present = live.allow_sets()
         if broken:
             # A lost set lost its elements with it: compare every set, reading those still there.
@@ -327,7 +334,7 @@ def converge(
     elif elements or removals:
         table.apply(elements, removals, present=set(observed))
 
-    result = plan.result
+    result = replace(plan.result, table_installed=True) if absent else plan.result
     if plan.upserts or plan.removals or result.events or intents:
         gone = plan.removals | {e.key for e in plan.expired}
         # Numbered already, from the view's version on; only the history's length is written.
@@ -351,9 +358,15 @@ def converge(
         log.info(
             "converged kernel and state: %s",
             result.describe(),
-            extra={"REASON": "drift" if result.drift else "converge"},
+            extra={"REASON": _log_reason(result)},
         )
     return plan.view, result
+
+
+def _log_reason(result: Convergence) -> str:
+    if result.table_installed:
+        return "table_installed"
+    return "drift" if result.drift else "converge"
 
 
 def converge_task(
