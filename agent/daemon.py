@@ -39,7 +39,7 @@ from agent.errors import AgentError
 from agent.local.server import serve_local
 from agent.metrics import SourceStatus, start_metrics
 from agent.metrics.http import TlsFiles
-from agent.preflight import StateDirUnusable, StateLock
+from agent.preflight import StateDirUnusable, StateLock, check_listen_free
 from agent.reconcile import UNCHANGED_STARTUP, Scope, adopt_kernel, converge_task, startup_scope
 from agent.rpc.auth import CallerPolicy
 from agent.rpc.server import AgentServer, TlsMaterial
@@ -244,6 +244,8 @@ class Daemon:
         metrics_tls = TlsFiles.of(cfg.metrics)
         if metrics_tls is not None:
             metrics_tls.context()
+        check_listen_free("api.listen", cfg.api.listen)
+        check_listen_free("metrics.listen", cfg.metrics.listen)
         try:
             self.store = self._open_store(cfg.state.directory / "state.db")
         except StoreError as exc:

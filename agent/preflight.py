@@ -20,6 +20,7 @@ import grp
 import json
 import os
 import pwd
+import socket
 import stat
 import subprocess
 import sys
@@ -374,3 +375,32 @@ def _file_problems(cfg: AgentConfig, user: ServiceUser, *, verify: bool) -> list
         except ConfigError as exc:
             found.append(exc)
     return found
+
+
+def check_listen_free(key: str, listen: str) -> None:
+    """``ConfigError`` naming ``key`` if another socket already listens on ``listen``.
+
+    A trial bind, closed at once (SO_REUSEADDR, as the listeners themselves bind): a port taken
+    by another program is found before the kernel is touched instead of after the table exists.
+    A name that does not resolve is left to the listener itself, which reports it.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, ValueError, IndexError):
+        return
+    with socket.socket(family, kind, proto) as trial:
+        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            trial.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # e.g. an address not on this host yet: the listener reports it
+            raise ConfigError(
+                key,
+                f"{listen} is already in use (another vicifast-agent, or another program); "
+                "stop it or pick another port",
+            ) from exc

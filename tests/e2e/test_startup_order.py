@@ -7,6 +7,7 @@ ruleset is read with ``nft`` before and after.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,3 +111,24 @@ def test_a_second_daemon_on_the_same_state_directory_exits_having_touched_nothin
         first.stop()
         # Once it stopped, the lock is free again: the same configuration starts.
         first.start()
+
+
+@pytest.mark.parametrize("which", ["api", "metrics"])
+def test_a_port_held_by_another_program_fails_the_start_before_the_kernel(
+    which: str, netns: Netns, tmp_path: Path
+) -> None:
+    before = netns.ruleset()
+    with DevAgent(tmp_path / "agent", netns.name) as dev:
+        listen = dev.api_listen if which == "api" else dev.metrics_listen
+        host, _, port = listen.rpartition(":")
+        holder = netns.call(socket.create_server, (host, int(port)))
+        try:
+            dev.start(wait_ready=False)
+            assert dev.process is not None
+            code = dev.process.wait(timeout=EXIT_TIMEOUT_S)
+        finally:
+            holder.close()
+        log = dev.log_path.read_text()
+    assert code != 0, log
+    assert netns.ruleset() == before
+    assert f"{which}.listen: {listen} is already in use" in log
