@@ -1,4 +1,4 @@
-"""The sysadmin's CLI (status, list, allow, revoke, doctor, why, audit) over the local socket.
+"""The sysadmin's CLI (status, list, allow, revoke, doctor, why, audit, reload), local socket.
 
 Every command asks the daemon (``agent.local.client``); none reads or edits the nftables table
 itself, so a grant made here is ordered, recorded and reported like any other. Output is a

@@ -1,4 +1,4 @@
-"""The daemon's side of the local socket: status, list, allow, revoke, doctor, why, audit.
+"""The daemon's side of the local socket: status, list, allow, revoke, doctor, why, audit, reload.
 
 Owns what an on-host caller may ask and how a local grant is made: the same field validation
 as the gRPC API (``agent.rpc.convert`` over the same messages), the local policy (TTL cap,

@@ -9,6 +9,7 @@ import os
 import pwd
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from agent.admin import format_status
 from agent.cli import build_parser
 from agent.devpki import DevMaterial, make_dev_pki
-from agent.doctor import Level, check_state_dir
+from agent.doctor import Level, check_state_dir, offline_checks
 from agent.preflight import ServiceUser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +114,18 @@ def test_root_checks_that_the_service_user_can_read_the_key(
     os.chown(pki.server.key, nobody.pw_uid, nobody.pw_gid)  # now it is the daemon user's
     code, _, err = run(capsys, "check-config", str(config(where, pki)), "--user", "nobody")
     assert code == 0, err
+
+
+def test_doctor_flags_a_private_key_others_may_read(where: Path, pki: DevMaterial) -> None:
+    os.chmod(pki.server.key, 0o644)
+    checks = offline_checks(config(where, pki), time.time())
+    flagged = [c for c in checks if c.name == "readiness" and c.level is Level.PROBLEM]
+    assert [c.summary.split(":")[0] for c in flagged] == ["api.server_key"]
+    assert "mode 0644" in flagged[0].summary
+    os.chmod(pki.server.key, 0o640)
+    assert [
+        c.level for c in offline_checks(config(where, pki), time.time()) if c.name == "readiness"
+    ] == [Level.OK]
 
 
 @NEEDS_ROOT
