@@ -6,8 +6,9 @@ retention and the recovery from a corrupt store. It never flushes or deletes the
 way out: entries keep working while the daemon is stopped, restarting or being upgraded.
 
 Start-up order: take the state directory's lock (one daemon per state directory), read and
-check the TLS material, trusted keys and metrics TLS files (``agent.preflight``): nothing has
-touched the kernel yet, so a failure leaves the ruleset as it was. Then open the store (a
+check the TLS material, trusted keys and metrics TLS files, see that the gRPC and metrics ports
+are free (``agent.preflight``): nothing has touched the kernel yet, so a failure leaves the
+ruleset as it was. Then open the store (a
 corrupt one is moved aside and the entries are adopted from the kernel's table), listen to
 nf_tables notifications, converge kernel and store (first start: install the table; restart:
 adopt it; reboot: rebuild it with each entry's remaining timeout), start the writer and the
@@ -35,7 +36,7 @@ import systemd.journal
 
 from agent.config import AgentConfig, load_config
 from agent.engine import TICK_S, Engine
-from agent.errors import AgentError
+from agent.errors import AgentError, Unavailable
 from agent.local.server import serve_local
 from agent.metrics import SourceStatus, start_metrics
 from agent.metrics.http import TlsFiles
@@ -488,6 +489,10 @@ class Daemon:
 
     def _shutdown(self) -> None:
         _notify("STOPPING=1")
+        with self._reload_lock:
+            waiters, self._reload_waiters = self._reload_waiters, []
+        for waiter in waiters:  # asked to reload while stopping: say so instead of timing out
+            waiter.set_result(Unavailable("stopping", "the daemon is stopping; not reloaded"))
         # New calls are refused from here on; calls in flight finish (within the grace).
         self.server.stop(grace=STOP_GRACE_S)
         self.local.stop()
