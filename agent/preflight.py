@@ -269,18 +269,23 @@ def unreadable_as(user: ServiceUser, paths: list[Path]) -> dict[Path, str]:
             except OSError as exc:
                 out[p] = exc.strerror or type(exc).__name__
         return out
+    if os.geteuid() != 0:
+        return {p: f"cannot check as {user.name} without root" for p in paths}
     groups = os.getgrouplist(user.name, user.gid)
-    done = subprocess.run(
-        [os.path.realpath(sys.executable), "-I", "-c", _PROBE, *map(str, paths)],
-        user=user.uid,
-        group=user.gid,
-        extra_groups=groups,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd="/",
-        timeout=30,
-    )
+    try:
+        done = subprocess.run(
+            [os.path.realpath(sys.executable), "-I", "-c", _PROBE, *map(str, paths)],
+            user=user.uid,
+            group=user.gid,
+            extra_groups=groups,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {p: f"cannot check as {user.name}: {exc}" for p in paths}
     if done.returncode != 0:
         return {p: f"cannot check as {user.name}: {done.stderr.strip()[-200:]}" for p in paths}
     answers: dict[str, str] = json.loads(done.stdout)
