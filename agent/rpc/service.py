@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from agent import __version__
 from agent.config import AgentConfig
 from agent.engine import Engine
-from agent.errors import AgentError, ResourceExhausted, Unauthenticated
+from agent.errors import AgentError, InvalidArgument, ResourceExhausted, Unauthenticated
 from agent.gcpause import collector_paused
 from agent.outcome import Outcome
 from agent.rpc import convert
@@ -74,6 +74,33 @@ def envelope_decoder(max_bytes: int) -> Callable[[bytes], Envelope]:
             return Undecodable(len(data))
 
     return decode
+
+
+MessageT = TypeVar("MessageT", agent_pb2.GetStateRequest, agent_pb2.WatchEventsRequest)
+
+
+def request_decoder(message_type: type[MessageT]) -> Callable[[bytes], MessageT | Undecodable]:
+    """The transport's request decoder for the unsigned RPCs (GetState, WatchEvents).
+
+    As for envelopes, grpcio turns a raising decoder into ``UNKNOWN: Unexpected <class
+    DecodeError>``; the handler answers ``INVALID_ARGUMENT malformed_request`` instead.
+    """
+
+    def decode(data: bytes) -> MessageT | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(len(data))
+
+    return decode
+
+
+def _decoded(request: MessageT | Undecodable) -> MessageT:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            "malformed_request", f"{request.size} bytes that are not the RPC's request message"
+        )
+    return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,11 +277,12 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     # --- unsigned RPCs (mTLS only) -----------------------------------------------------------
 
     async def GetState(
-        self, request: agent_pb2.GetStateRequest, context: Context
+        self, request: agent_pb2.GetStateRequest | Undecodable, context: Context
     ) -> agent_pb2.AgentState:
         try:
             s = self.settings
             s.callers.identify(context)
+            _decoded(request)
         except AgentError as exc:
             await abort(context, exc)
         # 100,000 entries take a while to turn into messages: not on the loop.
@@ -279,13 +307,13 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         return state
 
     async def WatchEvents(
-        self, request: agent_pb2.WatchEventsRequest, context: Context
+        self, request: agent_pb2.WatchEventsRequest | Undecodable, context: Context
     ) -> AsyncIterator[agent_pb2.AgentEvent]:
         try:
             self.settings.callers.identify(context)
+            since = _decoded(request).since_state_version
         except AgentError as exc:
             await abort(context, exc)
-        since = request.since_state_version
         complete, events = self.engine.events_after(since)
         if not complete:
             yield self._resync(since, f"history does not reach back to {since}; call GetState")
@@ -323,12 +351,12 @@ def add_to_server(service: FirewallAgentService, server: grpc.aio.Server, max_by
     }
     handlers["GetState"] = grpc.unary_unary_rpc_method_handler(
         service.GetState,
-        request_deserializer=agent_pb2.GetStateRequest.FromString,
+        request_deserializer=request_decoder(agent_pb2.GetStateRequest),
         response_serializer=agent_pb2.AgentState.SerializeToString,
     )
     handlers["WatchEvents"] = grpc.unary_stream_rpc_method_handler(
         service.WatchEvents,
-        request_deserializer=agent_pb2.WatchEventsRequest.FromString,
+        request_deserializer=request_decoder(agent_pb2.WatchEventsRequest),
         response_serializer=agent_pb2.AgentEvent.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
