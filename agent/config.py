@@ -115,6 +115,15 @@ class ApiConfig:
     reflection: bool = False
     max_message_bytes: int = 32 * 1024 * 1024
     max_concurrent_rpcs: int = 256
+    # WatchEvents (and health Watch) streams: their own cap, on top of max_concurrent_rpcs, so
+    # watchers never take the capacity of Allow/Revoke/Sync/Erase/GetState (PROTOCOL.md).
+    max_watchers: int = 64
+    # A watcher whose writes are blocked (it does not read) while more than this many events
+    # wait for it gets RESYNC_REQUIRED and the end of its stream once it reads again ...
+    watch_buffer_events: int = 1000
+    # ... and a write blocked this long ends the stream at once (RESOURCE_EXHAUSTED
+    # watcher_stalled): a watcher that never reads holds its slot no longer than this.
+    watch_stall_timeout_s: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +401,18 @@ def _api(root: _Section) -> ApiConfig:
         reflection=sec.get("reflection", bool, False, "true or false"),
         max_message_bytes=sec.int_in("max_message_bytes", 32 * 1024 * 1024, 4096, 1 << 30),
         max_concurrent_rpcs=sec.int_in("max_concurrent_rpcs", 256, 1, 100_000),
+        max_watchers=sec.int_in("max_watchers", defaults.max_watchers, 1, 10_000),
+        watch_buffer_events=sec.int_in(
+            # No more than the retained history (agent.state.HISTORY): further behind, a
+            # watcher needs a resync anyway.
+            "watch_buffer_events",
+            defaults.watch_buffer_events,
+            10,
+            10_000,
+        ),
+        watch_stall_timeout_s=sec.int_in(
+            "watch_stall_timeout_s", defaults.watch_stall_timeout_s, 1, 3600
+        ),
     )
     sec.finish()
     return api

@@ -81,7 +81,16 @@ class GuardedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # no stub
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         await self._identify(context)
-        await super().Watch(request, context)
+        # A stream that stays open: it takes a watcher's slot, never another RPC's capacity.
+        watchers = self._service.watchers
+        try:
+            watcher = watchers.enter(0)
+        except AgentError as exc:
+            await abort(context, exc)
+        try:
+            await super().Watch(request, context)
+        finally:
+            watchers.leave(watcher)
 
 
 class AgentServer:
@@ -124,7 +133,9 @@ class AgentServer:
                 ("grpc.max_send_message_length", cfg.api.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs,
+            # Watch streams have their own cap, enforced by the handlers (too_many_watchers);
+            # gRPC's counts every call, so it holds both and watchers cannot eat the rest.
+            maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs + cfg.api.max_watchers,
             interceptors=list(interceptors),  # observers only (metrics); they never change a call
         )
         self.service.bind(asyncio.get_running_loop())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -103,6 +103,46 @@ def _decoded(request: MessageT | Undecodable) -> MessageT:
     return request
 
 
+@dataclass(slots=True, eq=False)
+class Watcher:
+    """One open event stream (loop thread only): how far it got, and whether it is stuck."""
+
+    since: int
+    buffer: int = 0  # events that may wait for it while its write is blocked; 0 = no check
+    writing: bool = False
+    behind: bool = False
+
+
+class Watchers:
+    """The open event streams, capped apart from the other RPCs (``api.max_watchers``).
+
+    Loop thread only. The health service's Watch streams count here too: any stream that stays
+    open is a watcher, and none may take the capacity of the other RPCs.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap  # fixed at start: gRPC's own limit, made at start, counts it in
+        self._open: set[Watcher] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def enter(self, since: int) -> Watcher:
+        if len(self._open) >= self.cap:
+            raise ResourceExhausted("too_many_watchers", f"{self.cap} event streams are open")
+        w = Watcher(since)
+        self._open.add(w)
+        return w
+
+    def leave(self, w: Watcher) -> None:
+        self._open.discard(w)
+
+    def mark_behind(self, version: int) -> None:
+        for w in self._open:
+            if w.writing and w.buffer and version - w.since > w.buffer:
+                w.behind = True
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What a reload replaces at once: configuration, trusted keys, allowed callers."""
@@ -169,6 +209,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()  # replaced after each change: set means "look again"
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-big")
+        self.watchers = Watchers(settings.config.api.max_watchers)
         engine.add_listener(self._engine_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -196,6 +237,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     def _wake_watchers(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        self.watchers.mark_behind(self.engine.state_version)
 
     async def _large(self, fn: Callable[[], T]) -> T:
         """``fn`` for a large request or answer: off the loop, and without cyclic collections
@@ -306,32 +348,75 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         convert.add_entries(sorted(entries, key=lambda e: e.key), state.entries)
         return state
 
-    async def WatchEvents(
+    async def WatchEvents(  # type: ignore[override]  # writes with context.write, returns None
         self, request: agent_pb2.WatchEventsRequest | Undecodable, context: Context
-    ) -> AsyncIterator[agent_pb2.AgentEvent]:
+    ) -> None:
         try:
-            self.settings.callers.identify(context)
+            s = self.settings
+            s.callers.identify(context)
             since = _decoded(request).since_state_version
+            watcher = self.watchers.enter(since)
         except AgentError as exc:
             await abort(context, exc)
-        complete, events = self.engine.events_after(since)
+        try:
+            await self._stream(watcher, context, s.config)
+        finally:
+            self.watchers.leave(watcher)
+
+    async def _stream(self, w: Watcher, context: Context, cfg: AgentConfig) -> None:
+        """Retained events after ``w.since``, then live ones, until the daemon stops or the
+        watcher falls behind (PROTOCOL.md, WatchEvents).
+
+        Each message is one awaited write, so what waits for a watcher that does not read is
+        gRPC's flow-controlled stream window, never a queue of ours. While a write is blocked
+        the writer's changes mark the watcher ``behind`` once more than
+        ``api.watch_buffer_events`` wait for it (``_wake_watchers``); its next message is then
+        ``RESYNC_REQUIRED`` and the stream ends. A write blocked ``api.watch_stall_timeout_s``
+        ends the stream at once: the message it was writing and those before it are still
+        delivered, then ``RESOURCE_EXHAUSTED watcher_stalled``.
+        """
+        stall_s = cfg.api.watch_stall_timeout_s
+        w.buffer = cfg.api.watch_buffer_events
+
+        async def send(msg: agent_pb2.AgentEvent) -> None:
+            w.writing = True
+            try:
+                await asyncio.wait_for(context.write(msg), stall_s)
+            except TimeoutError:
+                # The cancelled write's message stays queued; only a status can follow it.
+                await abort(
+                    context,
+                    ResourceExhausted("watcher_stalled", f"no message read for {stall_s} s"),
+                )
+            finally:
+                w.writing = False
+
+        complete, events = self.engine.events_after(w.since)
         if not complete:
-            yield self._resync(since, f"history does not reach back to {since}; call GetState")
+            await send(self._resync(w.since, f"history does not reach back to {w.since}"))
         while True:
             for e in events:
-                yield convert.event_message(e)
-                since = max(since, e.state_version)
+                if w.behind:
+                    await send(
+                        self._resync(
+                            w.since,
+                            "this watcher stopped reading and fell "
+                            f"more than {w.buffer} events behind",
+                        )
+                    )
+                    return
+                await send(convert.event_message(e))
+                w.since = max(w.since, e.state_version)
             # No await between the check and the wait: a change announced meanwhile reaches
             # the loop after this coroutine is waiting on the event it sets.
-            while self.engine.state_version <= since and not self.stopping:
+            while self.engine.state_version <= w.since and not self.stopping:
                 await self._changed.wait()
             if self.stopping:
                 return
-            complete, events = self.engine.events_after(since)
+            complete, events = self.engine.events_after(w.since)
             if not complete:
-                yield self._resync(
-                    since, "this watcher fell behind the retained history; call GetState"
-                )
+                await send(self._resync(w.since, "this watcher fell behind the retained history"))
+                return
 
     def _resync(self, since: int, why: str) -> agent_pb2.AgentEvent:
         now = int(self.clock() * 1000)
