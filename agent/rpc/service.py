@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,9 @@ from agent.engine import Engine
 from agent.errors import AgentError, InvalidArgument, ResourceExhausted, Unauthenticated
 from agent.gcpause import collector_paused
 from agent.outcome import Outcome
+from agent.ratelog import RateLimitedLog
 from agent.rpc import convert
-from agent.rpc.auth import CallerPolicy
+from agent.rpc.auth import CallerPolicy, presented_identity
 from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.status import abort
@@ -152,6 +154,20 @@ class Settings:
     callers: CallerPolicy
 
 
+@dataclass(slots=True)
+class CallNotes:
+    """What a call has revealed about itself so far, for the log line of its refusal."""
+
+    request_id: str = "-"
+
+
+# Refusals are logged at WARNING, at most a burst of 10 and then 30 a minute: a flood of bad
+# requests fills the metrics, never the journal.
+REFUSAL_LOG_PER_MINUTE = 30
+REFUSAL_LOG_BURST = 10
+refusal_log = logging.getLogger("agent.rpc.refusals")
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """What the daemon knows about the table, for ``GetState``."""
@@ -210,6 +226,9 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         self._changed = asyncio.Event()  # replaced after each change: set means "look again"
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-big")
         self.watchers = Watchers(settings.config.api.max_watchers)
+        self.refusals = RateLimitedLog(
+            refusal_log, per_minute=REFUSAL_LOG_PER_MINUTE, burst=REFUSAL_LOG_BURST
+        )
         engine.add_listener(self._engine_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -245,15 +264,37 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._workers, functools.partial(_paused, fn))
 
+    def _refused(self, rpc: str, exc: AgentError, context: Context, notes: CallNotes) -> None:
+        """One WARNING per refusal (rate-limited): reason word, caller, request id and RPC.
+
+        Never the detail: it may name an address or a subject.
+        """
+        caller = presented_identity(context)
+        self.refusals.warning(
+            "refused",
+            "refused %s: %s (caller %s, request %s)",
+            rpc,
+            exc.reason,
+            caller,
+            notes.request_id,
+            fields={
+                "REASON": exc.reason,
+                "CALLER": caller,
+                "REQUEST_ID": notes.request_id,
+                "RPC": rpc,
+            },
+        )
+
     # --- signed RPCs -------------------------------------------------------------------------
 
     async def _signed(
         self, rpc: SignedRpc[Any], envelope: Envelope, context: Context
     ) -> agent_pb2.ApplyResult:
+        notes = CallNotes()
         try:
             s = self.settings
             caller = s.callers.identify(context)
-            check = functools.partial(self._checked, rpc, envelope, caller, s)
+            check = functools.partial(self._checked, rpc, envelope, caller, s, notes)
             big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
                 len(envelope.payload) > INLINE_PAYLOAD_BYTES
             )
@@ -266,10 +307,16 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
+            self._refused(rpc.name, exc, context, notes)
             await abort(context, exc)
 
     def _checked(
-        self, rpc: SignedRpc[SignedRequestT], envelope: Envelope, caller: str, s: Settings
+        self,
+        rpc: SignedRpc[SignedRequestT],
+        envelope: Envelope,
+        caller: str,
+        s: Settings,
+        notes: CallNotes,
     ) -> Command | Outcome:
         """The request's command, or the original outcome of a replay it turned out to be."""
         if isinstance(envelope, Oversized):
@@ -283,6 +330,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         opened: OpenedRequest[SignedRequestT] = open_envelope(
             envelope, rpc.message_type, s.trust, int(self.clock() * 1000)
         )
+        notes.request_id = opened.header.request_id  # checked by open_envelope
         meta = RequestMeta(
             request_id=opened.header.request_id,
             rpc=rpc.name,
@@ -326,6 +374,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             s.callers.identify(context)
             _decoded(request)
         except AgentError as exc:
+            self._refused("GetState", exc, context, CallNotes())
             await abort(context, exc)
         # 100,000 entries take a while to turn into messages: not on the loop.
         return await self._large(functools.partial(self._state, s))
@@ -357,6 +406,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             since = _decoded(request).since_state_version
             watcher = self.watchers.enter(since)
         except AgentError as exc:
+            self._refused("WatchEvents", exc, context, CallNotes())
             await abort(context, exc)
         try:
             await self._stream(watcher, context, s.config)
