@@ -46,9 +46,9 @@ class RateLimit:
 class RateLimitedLog:
     """A logger whose lines of one kind pass through one ``RateLimit``.
 
-    ``warning(kind, message, *args, fields=...)`` writes ``message`` (``%``-style ``args``) at
-    WARNING with ``fields`` as journal fields, unless the kind's bucket is empty; a line written
-    after some were held back ends with how many.
+    ``emit(level, kind, message, *args, fields=...)`` writes ``message`` (``%``-style ``args``)
+    with ``fields`` as journal fields, unless the kind's bucket is empty; a line written after
+    some were held back ends with how many.
     """
 
     def __init__(
@@ -74,7 +74,7 @@ class RateLimitedLog:
                 self._limits[kind] = limit
             return limit
 
-    def log(
+    def emit(
         self,
         level: int,
         kind: str,
@@ -91,8 +91,3 @@ class RateLimitedLog:
             args = (*args, held)
         self._log.log(level, message, *args, extra=dict(fields or {}))
         return True
-
-    def warning(
-        self, kind: str, message: str, *args: object, fields: Mapping[str, str] | None = None
-    ) -> bool:
-        return self.log(logging.WARNING, kind, message, *args, fields=fields)

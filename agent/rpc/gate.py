@@ -277,7 +277,7 @@ class ConnectionGate:
             # EMFILE and friends: this one connection fails, the gate goes on.
             level = logging.WARNING if exc.errno in (errno.EMFILE, errno.ENFILE) else logging.ERROR
             word = errno.errorcode.get(exc.errno or 0, "error")
-            self._log.log(
+            self._log.emit(
                 level,
                 "backend_unreachable",
                 "api: a connection could not be handed to gRPC (%s)",
@@ -298,7 +298,8 @@ class ConnectionGate:
 
     def _refused(self, reason: str) -> None:
         self._observer.connection_refused(reason)
-        self._log.warning(
+        self._log.emit(
+            logging.WARNING,
             reason,
             "api: connection refused (%s: at most %d in all, %d per source)",
             reason,
@@ -320,7 +321,7 @@ class ConnectionGate:
             return
         reason = "handshake_timeout" if lived >= limit - HANDSHAKE_SLACK_S else "handshake_failed"
         self._observer.handshake_failed(reason)
-        self._log.log(
+        self._log.emit(
             logging.INFO,
             "handshake",
             "api: TLS handshake %s",

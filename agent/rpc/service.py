@@ -270,7 +270,8 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         Never the detail: it may name an address or a subject.
         """
         caller = presented_identity(context)
-        self.refusals.warning(
+        self.refusals.emit(
+            logging.WARNING,
             "refused",
             "refused %s: %s (caller %s, request %s)",
             rpc,

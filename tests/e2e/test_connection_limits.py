@@ -9,10 +9,8 @@ from loopback addresses of the daemon's own namespace (127.0.0.0/8: each its own
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -21,7 +19,7 @@ from conftest import AgentRig
 from e2ekit import allow_entry
 from netlab import Lab
 
-from agent.devlab import DevAgent, enter_netns
+from agent.devlab import DevAgent, closed_by_peer, open_connections
 
 PORT = 7447
 TOTAL = 120
@@ -55,45 +53,13 @@ def rig(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
 
 
 def _connect_from(netns: str, sources: list[str], each: int, hello: bool) -> list[socket.socket]:
-    """``each`` TCP connections from every address of ``sources`` to the API port, made in
-    the daemon's namespace; with ``hello`` each sends a ClientHello's first bytes."""
-    made: list[socket.socket] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            enter_netns(netns)
-            for src in sources:
-                for _ in range(each):
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    s.bind((src, 0))
-                    s.connect(("127.0.0.1", PORT))
-                    if hello:
-                        s.sendall(PARTIAL_HELLO)
-                    made.append(s)
-        except OSError as exc:  # handed to the test's thread
-            failure.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if failure:
-        raise failure[0]
-    return made
-
-
-def _closed(s: socket.socket) -> bool:
-    s.setblocking(False)
-    try:
-        return s.recv(4096) == b""
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        return exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    return open_connections(
+        netns, ("127.0.0.1", PORT), sources, each, PARTIAL_HELLO if hello else b""
+    )
 
 
 def _open_count(socks: list[socket.socket]) -> int:
-    return sum(not _closed(s) for s in socks)
+    return sum(not closed_by_peer(s) for s in socks)
 
 
 def _until(predicate: object, timeout: float, what: str) -> float:
