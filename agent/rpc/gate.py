@@ -17,9 +17,12 @@ how long a connection lives unauthenticated (``handshake_timeout_s``), idle
 (``max_connection_idle_s``) or at all (``max_connection_age_s``); when it closes its side, the
 gate closes the caller's.
 
-Each admitted connection takes three descriptors (the caller's socket and both ends of the Unix
-pair); the unit's ``LimitNOFILE`` is sized from that. An accept that fails for want of
-descriptors is retried by asyncio a moment later: it delays connections, it kills no loop.
+A connection reaches gRPC only once it sends its first byte; until then it costs one descriptor
+and a timer of the gate's, which resets it after ``handshake_timeout_s`` as gRPC would (an idle
+flood never touches gRPC). A relayed connection takes three descriptors (the caller's socket
+and both ends of the Unix pair); the unit's ``LimitNOFILE`` is sized from that. An accept that
+fails for want of descriptors is retried by asyncio a moment later: it delays connections, it
+kills no loop.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import resource
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,6 +47,7 @@ from agent.ratelog import RateLimitedLog
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
+ACCEPT_BATCH = 16
 # Lines about refused connections and failed handshakes: a burst, then this many a minute.
 LOG_PER_MINUTE = 30
 LOG_BURST = 10
@@ -237,12 +241,17 @@ class ConnectionGate:
         self.port: int = self._sock.getsockname()[1]
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.Transport] = set()
+        self._expiring: deque[_Inbound] = deque()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # asyncio accepts up to ``backlog`` connections in one turn of the loop: a burst of a
+        # thousand would hold every call's answer for tens of milliseconds. Small turns, and
+        # the kernel's queue set back to its full length afterwards.
         self._server = await loop.create_server(
-            self._inbound, sock=self._sock, backlog=LISTEN_BACKLOG
+            self._inbound, sock=self._sock, backlog=ACCEPT_BATCH
         )
+        self._sock.listen(LISTEN_BACKLOG)
 
     def _inbound(self) -> _Side:
         key: list[str] = []
@@ -262,12 +271,36 @@ class ConnectionGate:
             self._refused(refusal)
             _reset(transport)
             return False
-        side.admitted_at = time.monotonic()
         side.key.append(key)
         self._open.add(transport)
-        transport.pause_reading()  # until gRPC's side is connected
-        asyncio.get_running_loop().create_task(self._connect_backend(side, transport))
+        # gRPC hears of a connection only with its first byte: until then it costs one
+        # descriptor and this timer, which ends it as gRPC's handshake timeout would.
+        side.timer = asyncio.get_running_loop().call_later(
+            self.counts.limits.handshake_timeout_s, self._silent, side
+        )
         return True
+
+    def hand_over(self, side: _Inbound, transport: asyncio.Transport) -> None:
+        """The caller sent its first bytes: connect gRPC's side (reading waits for it)."""
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._connect_backend(side, transport))
+
+    def _silent(self, side: _Inbound) -> None:
+        # A flood's connections come, and so time out, together: they are reset a few per
+        # turn of the loop, so that calls in between are still answered promptly.
+        self._expiring.append(side)
+        if len(self._expiring) == 1:
+            asyncio.get_running_loop().call_soon(self._expire_some)
+
+    def _expire_some(self) -> None:
+        for _ in range(min(ACCEPT_BATCH, len(self._expiring))):
+            side = self._expiring.popleft()
+            if side.connecting or side.transport is None or side.transport.is_closing():
+                continue
+            self._handshake_failed("handshake_timeout")
+            _reset(side.transport)
+        if self._expiring:
+            asyncio.get_running_loop().call_soon(self._expire_some)
 
     async def _connect_backend(self, inbound: _Inbound, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
@@ -292,6 +325,7 @@ class ConnectionGate:
             outbound.transport.close()
             return
         outbound.partner = inbound
+        inbound.handed_at = time.monotonic()
         inbound.pair(outbound)
         outbound.pair(inbound)
         transport.resume_reading()
@@ -313,13 +347,17 @@ class ConnectionGate:
         that is a handshake gRPC refused or gave up on (gRPC's Python API reports neither;
         gRPC closes an authenticated connection early only on a protocol error, and idle ones
         after ``max_connection_idle_s``, 60 s at least)."""
-        if self._stopping or inbound.client_ended or inbound.admitted_at is None:
+        if self._stopping or inbound.client_ended or inbound.handed_at is None:
             return
         limit = self.counts.limits.handshake_timeout_s
-        lived = time.monotonic() - inbound.admitted_at
+        lived = time.monotonic() - inbound.handed_at
         if lived > limit + HANDSHAKE_SLACK_S:
             return
-        reason = "handshake_timeout" if lived >= limit - HANDSHAKE_SLACK_S else "handshake_failed"
+        self._handshake_failed(
+            "handshake_timeout" if lived >= limit - HANDSHAKE_SLACK_S else "handshake_failed"
+        )
+
+    def _handshake_failed(self, reason: str) -> None:
         self._observer.handshake_failed(reason)
         self._log.emit(
             logging.INFO,
@@ -355,11 +393,23 @@ class _Inbound(_Side):
         super().__init__(lost)
         self.gate = gate
         self.key = key
-        self.admitted_at: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.connecting = False  # its first bytes came: gRPC's side is (being) connected
+        self.handed_at: float | None = None
         self.client_ended = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.connecting and self.transport is not None:
+            self.connecting = True
+            self._pending.append(data)
+            self.gate.hand_over(self, self.transport)
+            return
+        super().data_received(data)
 
     def eof_received(self) -> bool:
         self.client_ended = True
+        if not self.connecting:
+            return False  # nothing was sent, nothing to relay: close
         return super().eof_received()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -368,6 +418,8 @@ class _Inbound(_Side):
         self.gate.admitted(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         if self.transport is not None:
             self.gate.forget(self.transport)
         super().connection_lost(exc)
