@@ -266,6 +266,7 @@ CONNECTION_REFUSALS = (
     "too_many_connections",
     "too_many_connections_from_source",
     "backend_unreachable",
+    "out_of_descriptors",
 )
 HANDSHAKE_FAILURES = ("handshake_failed", "handshake_timeout")
 

@@ -37,9 +37,9 @@ import socket
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from agent.errors import ConfigError
 from agent.ratelog import RateLimitedLog
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 16
+ACCEPT_RETRY_S = 0.5
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Lines about refused connections and failed handshakes: a burst, then this many a minute.
 LOG_PER_MINUTE = 30
 LOG_BURST = 10
@@ -239,51 +241,73 @@ class ConnectionGate:
         self._stopping = False
         self._sock = _listening_socket(listen)
         self.port: int = self._sock.getsockname()[1]
-        self._server: asyncio.Server | None = None
+        self._accepting = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._open: set[asyncio.Transport] = set()
         self._expiring: deque[_Inbound] = deque()
 
     async def start(self) -> None:
+        self._sock.setblocking(False)
+        self._accepting = True
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept_some)
+
+    def _accept_some(self) -> None:
+        """Accept a few connections per turn of the loop (a burst of a thousand in one turn
+        would hold every call's answer meanwhile); refuse those over a cap on the bare socket,
+        before any transport exists."""
         loop = asyncio.get_running_loop()
-        # asyncio accepts up to ``backlog`` connections in one turn of the loop: a burst of a
-        # thousand would hold every call's answer for tens of milliseconds. Small turns, and
-        # the kernel's queue set back to its full length afterwards.
-        self._server = await loop.create_server(
-            self._inbound, sock=self._sock, backlog=ACCEPT_BATCH
-        )
-        self._sock.listen(LISTEN_BACKLOG)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Out of descriptors or memory: the kernel keeps the queue meanwhile, and
+                    # this waits a moment instead of spinning on a socket it cannot drain.
+                    self._refused("out_of_descriptors")
+                    loop.remove_reader(self._sock.fileno())
+                    loop.call_later(ACCEPT_RETRY_S, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that caller is gone already
+            key = source_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
+            refusal = self.counts.admit(key)
+            if refusal is not None:
+                self._refused(refusal)
+                _reset_socket(conn)
+                continue
+            side = _Inbound(self, key)
+            self._spawn(self._admit(side, conn))
 
-    def _inbound(self) -> _Side:
-        key: list[str] = []
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
-        def lost() -> None:
-            if key:
-                self.counts.release(key.pop())
+    def _resume(self) -> None:
+        if self._accepting:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept_some)
 
-        side = _Inbound(self, key, lost)
-        return side
+    async def _admit(self, side: _Inbound, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: side, conn)
+        except OSError:
+            conn.close()
+            self.counts.release(side.key)
 
-    def admitted(self, side: _Inbound, transport: asyncio.Transport) -> bool:
-        peer: Any = transport.get_extra_info("peername")
-        key = source_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
-        refusal = self.counts.admit(key)
-        if refusal is not None:
-            self._refused(refusal)
-            _reset(transport)
-            return False
-        side.key.append(key)
+    def admitted(self, side: _Inbound, transport: asyncio.Transport) -> None:
         self._open.add(transport)
         # gRPC hears of a connection only with its first byte: until then it costs one
         # descriptor and this timer, which ends it as gRPC's handshake timeout would.
         side.timer = asyncio.get_running_loop().call_later(
             self.counts.limits.handshake_timeout_s, self._silent, side
         )
-        return True
 
     def hand_over(self, side: _Inbound, transport: asyncio.Transport) -> None:
         """The caller sent its first bytes: connect gRPC's side (reading waits for it)."""
         transport.pause_reading()
-        asyncio.get_running_loop().create_task(self._connect_backend(side, transport))
+        self._spawn(self._connect_backend(side, transport))
 
     def _silent(self, side: _Inbound) -> None:
         # A flood's connections come, and so time out, together: they are reset a few per
@@ -373,8 +397,10 @@ class ConnectionGate:
 
     async def stop_accepting(self) -> None:
         self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._accepting:
+            self._accepting = False
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
 
     def forget(self, transport: asyncio.BaseTransport) -> None:
         self._open.discard(transport)
@@ -389,8 +415,8 @@ class ConnectionGate:
 class _Inbound(_Side):
     """The caller's side."""
 
-    def __init__(self, gate: ConnectionGate, key: list[str], lost: Callable[[], None]) -> None:
-        super().__init__(lost)
+    def __init__(self, gate: ConnectionGate, key: str) -> None:
+        super().__init__(lambda: gate.counts.release(key))
         self.gate = gate
         self.key = key
         self.timer: asyncio.TimerHandle | None = None
@@ -423,6 +449,13 @@ class _Inbound(_Side):
         if self.transport is not None:
             self.gate.forget(self.transport)
         super().connection_lost(exc)
+
+
+def _reset_socket(conn: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0): no FIN_WAIT/TIME_WAIT state kept for a refusal."""
+    with contextlib.suppress(OSError):  # the peer is gone already: a close is as good
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    conn.close()
 
 
 def _reset(transport: asyncio.Transport) -> None:

@@ -34,7 +34,7 @@ from agent.rpc.gate import (
 )
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
-from agent.rpc.service import Context, FirewallAgentService, add_to_server
+from agent.rpc.service import CallNotes, Context, FirewallAgentService, add_to_server
 from agent.rpc.status import abort
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class GuardedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # no stub
         try:
             self._service.settings.callers.identify(context)
         except AgentError as exc:
+            self._service.refused("Health", exc, context, CallNotes())
             await abort(context, exc)
 
     async def Check(

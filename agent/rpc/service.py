@@ -264,7 +264,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._workers, functools.partial(_paused, fn))
 
-    def _refused(self, rpc: str, exc: AgentError, context: Context, notes: CallNotes) -> None:
+    def refused(self, rpc: str, exc: AgentError, context: Context, notes: CallNotes) -> None:
         """One WARNING per refusal (rate-limited): reason word, caller, request id and RPC.
 
         Never the detail: it may name an address or a subject.
@@ -308,7 +308,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
-            self._refused(rpc.name, exc, context, notes)
+            self.refused(rpc.name, exc, context, notes)
             await abort(context, exc)
 
     def _checked(
@@ -375,7 +375,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             s.callers.identify(context)
             _decoded(request)
         except AgentError as exc:
-            self._refused("GetState", exc, context, CallNotes())
+            self.refused("GetState", exc, context, CallNotes())
             await abort(context, exc)
         # 100,000 entries take a while to turn into messages: not on the loop.
         return await self._large(functools.partial(self._state, s))
@@ -407,7 +407,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             since = _decoded(request).since_state_version
             watcher = self.watchers.enter(since)
         except AgentError as exc:
-            self._refused("WatchEvents", exc, context, CallNotes())
+            self.refused("WatchEvents", exc, context, CallNotes())
             await abort(context, exc)
         try:
             await self._stream(watcher, context, s.config)
