@@ -10,12 +10,13 @@ PROTO     := proto/vicifast/agent/v1/agent.proto
 PB_DIR    := agent/rpc/pb
 PYTEST_ARGS ?=
 
-.PHONY: help setup lint test unit kernel e2e bench demo gen clean
+.PHONY: help setup lint test unit kernel e2e bench soak demo gen clean
 
 help:
 	@echo "make test   - set up (apt, venv, generated code), lint, run every test"
 	@echo "make demo   - the daemon in a network namespace, driven by the control-plane client"
 	@echo "make bench  - performance figures -> bench/results.json"
+	@echo "make soak   - long runs (idle-connection flood, 300 watchers, a watcher that never reads)"
 	@echo "make lint   - ruff + mypy --strict on agent/"
 	@echo "make deb    - dist/vicifast-agent_<version>_amd64.deb (VERSION=... for another version)"
 	@echo "make test-package - build, lint and install/upgrade/purge the .deb in a booted Debian 12"
@@ -62,6 +63,11 @@ kernel: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Endurance runs against real daemons in scratch namespaces (minutes): a table on stdout.
+# SOAK_ARGS=watchers runs only the named scenarios.
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # Throwaway namespaces, dev PKI and daemon; everything is removed again, also on Ctrl-C.
 demo: setup

@@ -115,6 +115,28 @@ class ApiConfig:
     reflection: bool = False
     max_message_bytes: int = 32 * 1024 * 1024
     max_concurrent_rpcs: int = 256
+    # WatchEvents (and health Watch) streams: their own cap, on top of max_concurrent_rpcs, so
+    # watchers never take the capacity of Allow/Revoke/Sync/Erase/GetState (PROTOCOL.md).
+    max_watchers: int = 64
+    # A watcher whose writes are blocked (it does not read) while more than this many events
+    # wait for it gets RESYNC_REQUIRED and the end of its stream once it reads again ...
+    watch_buffer_events: int = 1000
+    # ... and a write blocked this long ends the stream at once (RESOURCE_EXHAUSTED
+    # watcher_stalled): a watcher that never reads holds its slot no longer than this.
+    watch_stall_timeout_s: int = 60
+    # Connections to the API port (agent.rpc.gate): in total and per source (an IPv4 address
+    # or an IPv6 /64); over a cap a connection is reset at once. LimitNOFILE in the unit is
+    # sized from max_connections (three descriptors each).
+    max_connections: int = 1024
+    max_connections_per_source: int = 64
+    # A connection must finish its TLS handshake (client certificate included) within this.
+    handshake_timeout_s: int = 5
+    # An authenticated connection with no call for this long is closed (the client reconnects
+    # when it needs to); every connection is closed after max_connection_age_s, calls in
+    # flight getting 30 s more; an unanswered keepalive ping closes it after keepalive_s + 20 s.
+    max_connection_idle_s: int = 300
+    max_connection_age_s: int = 3600
+    keepalive_s: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +414,39 @@ def _api(root: _Section) -> ApiConfig:
         reflection=sec.get("reflection", bool, False, "true or false"),
         max_message_bytes=sec.int_in("max_message_bytes", 32 * 1024 * 1024, 4096, 1 << 30),
         max_concurrent_rpcs=sec.int_in("max_concurrent_rpcs", 256, 1, 100_000),
+        max_watchers=sec.int_in("max_watchers", defaults.max_watchers, 1, 10_000),
+        watch_buffer_events=sec.int_in(
+            # No more than the retained history (agent.state.HISTORY): further behind, a
+            # watcher needs a resync anyway.
+            "watch_buffer_events",
+            defaults.watch_buffer_events,
+            10,
+            10_000,
+        ),
+        watch_stall_timeout_s=sec.int_in(
+            "watch_stall_timeout_s", defaults.watch_stall_timeout_s, 1, 3600
+        ),
+        max_connections=sec.int_in("max_connections", defaults.max_connections, 1, 100_000),
+        max_connections_per_source=sec.int_in(
+            "max_connections_per_source", defaults.max_connections_per_source, 1, 100_000
+        ),
+        handshake_timeout_s=sec.int_in("handshake_timeout_s", defaults.handshake_timeout_s, 1, 30),
+        # At least 60 s: the gate counts a connection gRPC closes within the handshake
+        # timeout as a failed handshake, which an idle close must never look like.
+        max_connection_idle_s=sec.int_in(
+            "max_connection_idle_s", defaults.max_connection_idle_s, 60, 86_400
+        ),
+        max_connection_age_s=sec.int_in(
+            "max_connection_age_s", defaults.max_connection_age_s, 60, 7 * 86_400
+        ),
+        keepalive_s=sec.int_in("keepalive_s", defaults.keepalive_s, 10, 86_400),
     )
+    if api.max_connections_per_source > api.max_connections:
+        raise ConfigError(
+            sec.key("max_connections_per_source"),
+            f"got {api.max_connections_per_source}; expected at most max_connections "
+            f"({api.max_connections})",
+        )
     sec.finish()
     return api
 

@@ -290,8 +290,13 @@ class Daemon:
             cfg, self, nft=self.table.nft, nft_version=features.nft_version
         )
         self.server = AgentServer(
-            cfg, self.service, interceptors=[self.metrics.interceptor], material=material
+            cfg,
+            self.service,
+            interceptors=[self.metrics.interceptor],
+            material=material,
+            observer=self.metrics.transport,
         )
+        self.metrics.transport.count_open(self.server.open_connections)
         self.server.start()
         self.local = serve_local(self)  # the on-host socket for the CLI (agent.local)
         signal.signal(signal.SIGTERM, self._on_stop)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,58 @@ class TcpRelay:
             self._conns += [inbound, outbound]
             for a, b in ((inbound, outbound), (outbound, inbound)):
                 threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def open_connections(
+    netns: str,
+    target: tuple[str, int],
+    sources: Iterable[str],
+    each: int,
+    first_bytes: bytes = b"",
+) -> list[socket.socket]:
+    """``each`` TCP connections to ``target`` from every address of ``sources`` (loopback
+    addresses such as 127.0.1.N, each its own source), made inside ``netns``; each sends
+    ``first_bytes`` (e.g. the start of a TLS ClientHello) and then nothing: the idle or
+    half-handshaken connections of a flood. The caller closes them."""
+    made: list[socket.socket] = []
+    failure: list[OSError] = []
+
+    def run() -> None:
+        enter_netns(netns)  # this thread only; the sockets stay in netns afterwards
+        try:
+            for src in sources:
+                for _ in range(each):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    made.append(s)
+                    s.bind((src, 0))
+                    s.connect(target)
+                    if first_bytes:
+                        s.sendall(first_bytes)
+        except OSError as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=run, name="flood")
+    t.start()
+    t.join()
+    if failure:
+        for s in made:
+            s.close()
+        raise failure[0]
+    return made
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    """Whether the other end has closed or reset ``s`` (reads what is pending, never waits)."""
+    s.setblocking(False)
+    try:
+        while True:
+            data = s.recv(65536)
+            if data == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:  # reset, or broken
+        return True
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

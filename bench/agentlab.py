@@ -55,13 +55,16 @@ def count_elements(agent: DevAgent) -> int:
 
 
 @contextlib.contextmanager
-def bench_agent(prefix: str) -> Iterator[DevAgent]:
+def bench_agent(prefix: str, *, api_toml: str = "") -> Iterator[DevAgent]:
     """A started daemon with an empty state in a fresh namespace, its notify socket drained;
-    the daemon, the namespace and the directory are gone on exit."""
+    the daemon, the namespace and the directory are gone on exit. ``api_toml``: more keys of
+    its ``[api]`` table."""
     with (
         tempfile.TemporaryDirectory(prefix=f"{prefix}-") as tmp,
         scratch_netns(prefix) as netns,
         DevAgent(Path(tmp), netns, table=TABLE, firewall_toml=FIREWALL_TOML) as agent,
     ):
+        if api_toml:
+            agent.write_config(agent.config_text().replace("[api]\n", f"[api]\n{api_toml}\n"))
         agent.start(timeout=60)
         yield agent

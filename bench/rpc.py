@@ -9,6 +9,11 @@ answered; the clients run in the daemon's namespace, so no relay sits in the tim
   Allows of new addresses, first one caller at a time, then 64 concurrent callers (one grpc.aio
   channel in one worker process, envelopes signed before the clock starts; the note shows the
   client's CPU use so a client-bound figure would show itself).
+* Allow latency under a flood of idle connections: the same daemon, single-entry Allows one
+  caller at a time while ``bench.flood`` keeps 2,000 idle TCP connections open to its API port
+  from 40 loopback sources (re-opening those the daemon closes at its handshake timeout, as an
+  attacker would). The daemon's ``[api] max_connections`` is raised to hold all 2,000 (the
+  default 1,024 would reset half of them at once), so this is the cost of holding them.
 * Sync of 100,000: an empty daemon, one Sync of 100,000 new entries, against raw ``nft -f``
   adding the same elements (same timeouts, same comments) to a set of the same type, in the same
   run; the daemon's VmHWM is reset right before the Sync, so its peak is the Sync's.
@@ -22,6 +27,7 @@ from typing import Any
 
 from bench import Figure, procfs
 from bench.agentlab import SET_SIZE, bench_agent, work
+from bench.flood import Flood
 
 PRELOAD = 10_000
 SEQUENTIAL_WARMUP = 100
@@ -32,9 +38,17 @@ CONCURRENT = 3_000
 SYNC = 100_000
 RAW_REPEATS = 3
 SETTLE_S = 2.0
+IDLE_CONNECTIONS = 2_000
+IDLE_PER_SOURCE = 50
+IDLE_WARMUP = 50
+IDLE_CALLS = 1_000
+# (the quiet reference takes the IDLE_WARMUP + IDLE_CALLS addresses below IDLE_FIRST)
+# Room for the flood and the bench's own connection (the default caps: 1,024 and 64).
+IDLE_API_TOML = "max_connections = 2100\nmax_connections_per_source = 64"
 # Address indexes (see bench.rpc_worker.address): disjoint ranges per phase.
 SEQUENTIAL_FIRST = PRELOAD
 CONCURRENT_FIRST = 20_000
+IDLE_FIRST = 32_000
 
 
 def p99(values: list[float]) -> float:
@@ -64,6 +78,43 @@ def allow_figures(seq: dict[str, Any], conc: dict[str, Any]) -> list[Figure]:
             target_min=2000.0,
         ),
     ]
+
+
+def idle_connections_figures(
+    idle: dict[str, Any], flood: dict[str, Any], quiet: dict[str, Any]
+) -> list[Figure]:
+    latencies = idle["latencies_s"]
+    reference = quiet["latencies_s"]
+    return [
+        Figure(
+            "rpc.allow_p99_ms_idle_conns",
+            p99(latencies) * 1000,
+            "ms",
+            10.0,
+            f"1 entry, 1 caller, {len(latencies)} calls while {IDLE_CONNECTIONS} idle TCP "
+            f"connections are kept open (held {flood.get('held_min', 0)}-"
+            f"{flood.get('held_max', 0)}, {flood.get('reopened', 0)} re-opened after the "
+            f"handshake timeout); p50 {statistics.median(latencies) * 1000:.1f} ms; "
+            f"the same daemon just before, without them: p99 {p99(reference) * 1000:.1f} ms",
+        )
+    ]
+
+
+def run_idle_connections() -> list[Figure]:
+    """Only the idle-connection figure: its own daemon holding ``PRELOAD`` entries."""
+    with bench_agent("vf-bench-idle", api_toml=IDLE_API_TOML) as agent:
+        work(agent, "sync", first=0, count=PRELOAD, set_size=SET_SIZE, raw_repeats=0)
+        # The machine's own noise, measured in the same run: the same calls without the flood.
+        quiet = work(
+            agent,
+            "allow_seq",
+            first=IDLE_FIRST - IDLE_CALLS - IDLE_WARMUP,
+            warmup=IDLE_WARMUP,
+            count=IDLE_CALLS,
+        )
+        with Flood(agent.netns, agent.api_target(), IDLE_CONNECTIONS, IDLE_PER_SOURCE) as flood:
+            idle = work(agent, "allow_seq", first=IDLE_FIRST, warmup=IDLE_WARMUP, count=IDLE_CALLS)
+    return idle_connections_figures(idle, flood.result, quiet)
 
 
 def sync_figures(sync: dict[str, Any], rss_after_mb: float) -> list[Figure]:
@@ -116,7 +167,7 @@ def run() -> list[Figure]:
             count=CONCURRENT,
             callers=CALLERS,
         )
-    allow = allow_figures(seq, conc)
+    allow = allow_figures(seq, conc) + run_idle_connections()
     with bench_agent("vf-bench-sync") as agent:
         sync = work(agent, "sync", first=0, count=SYNC, set_size=SET_SIZE, raw_repeats=RAW_REPEATS)
         # Holding the entries, not answering the Sync: the daemon gives memory back on its

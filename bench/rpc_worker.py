@@ -92,6 +92,7 @@ def client(conn: dict[str, Any], timeout_s: float = 60.0) -> AgentClient:
         server_name=conn["server_name"],
         timeout_s=timeout_s,
         attempts=1,
+        retry_window_s=0,
     )
 
 

@@ -29,7 +29,12 @@ from agent.metrics.collectors import (
     StateCollector,
 )
 from agent.metrics.http import MetricsListener
-from agent.metrics.instruments import KernelMetrics, RequestInterceptor, RequestMetrics
+from agent.metrics.instruments import (
+    KernelMetrics,
+    RequestInterceptor,
+    RequestMetrics,
+    TransportMetrics,
+)
 from agent.metrics.source import CounterSource, MetricsSource, SourceStatus
 from agent.rules.counters import NamedCounterReader
 from agent.rules.nft import NftAdapter
@@ -71,6 +76,7 @@ class AgentMetrics:
         self.counters = counters
         self.requests = RequestMetrics(self.registry)
         self.kernel = KernelMetrics(self.registry)
+        self.transport = TransportMetrics(self.registry)
         self.interceptor = RequestInterceptor(self.requests)
         self.listener = MetricsListener(cfg.metrics, self.registry)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.errors import AgentError
 from agent.metrics.collectors import PREFIX
@@ -258,3 +258,56 @@ class KernelMetrics:
         self.duration.observe(seconds)
         if error is not None:
             self.failures.labels(error.reason).inc()
+
+
+# Reason words of agent.rpc.gate, each exported at 0 from the start so that increase() sees
+# the first one.
+CONNECTION_REFUSALS = (
+    "too_many_connections",
+    "too_many_connections_from_source",
+    "backend_unreachable",
+    "out_of_descriptors",
+)
+HANDSHAKE_FAILURES = ("handshake_failed", "handshake_timeout")
+
+
+class TransportMetrics:
+    """The API port's connections: open ones, refused ones, failed TLS handshakes.
+
+    The ``agent.rpc.gate.TransportObserver`` of the daemon's gate (its event loop calls it).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refused = Counter(
+            PREFIX + "api_connections_refused",
+            "Connections to the API port reset at once, by reason word (over a cap).",
+            ["reason"],
+            registry=registry,
+        )
+        self.handshakes = Counter(
+            PREFIX + "api_handshake_failures",
+            "Connections gRPC closed before their TLS handshake completed, by reason word "
+            "(handshake_failed: refused, e.g. no or a wrong client certificate; "
+            "handshake_timeout: not completed within [api] handshake_timeout_s).",
+            ["reason"],
+            registry=registry,
+        )
+        self.open = Gauge(
+            PREFIX + "api_connections_open",
+            "Connections to the API port open now (admitted by the gate).",
+            registry=registry,
+        )
+        for reason in CONNECTION_REFUSALS:
+            self.refused.labels(reason)
+        for reason in HANDSHAKE_FAILURES:
+            self.handshakes.labels(reason)
+
+    def connection_refused(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    def handshake_failed(self, reason: str) -> None:
+        self.handshakes.labels(reason).inc()
+
+    def count_open(self, read: Callable[[], int]) -> None:
+        """Read the open connections from ``read`` at every scrape."""
+        self.open.set_function(read)

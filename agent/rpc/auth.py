@@ -41,6 +41,16 @@ class PeerContext(Protocol):
     def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
 
 
+def presented_identity(context: PeerContext) -> str:
+    """The first identity the peer's certificate names, allowed or not, for logs of refusals
+    (a control plane's machine identity, never a person's)."""
+    pems = [
+        bytes(p) for p in context.auth_context().get("x509_pem_cert", ()) if isinstance(p, bytes)
+    ]
+    names = certificate_identities(pems[0]) if pems else ()
+    return names[0] if names else "(none)"
+
+
 class CallerPolicy:
     """Which verified client identities may call; replaced whole on reload."""
 

@@ -3,6 +3,13 @@
 Retries resend the *same* envelope (same request id and bytes), which the agent answers with the
 original result, so a retry after a lost answer never applies a change twice. Errors come back
 as ``AgentCallError`` carrying the gRPC code and the agent's reason word.
+
+Retries of ``UNAVAILABLE`` and ``DEADLINE_EXCEEDED`` go on for ``retry_window_s`` (and at least
+``attempts`` times): a failed connection puts a gRPC channel into reconnect back-off, during
+which a call fails at once with ``UNAVAILABLE``, so three quick attempts used to fail within
+0.3 s of an agent restart. The channel's back-off is capped at ``RECONNECT_BACKOFF_MAX_MS`` and
+the pause between attempts at ``RETRY_PAUSE_MAX_S``, so a restarted agent (a few seconds) is
+reached within about a second of it listening again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from agent.rpc.signing import make_header, private_key_from_pem, sign_envelope
 
 # Transient failures worth resending the same envelope for.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# gRPC's defaults are 1 s growing to 120 s: after a long outage a retry would wait minutes.
+RECONNECT_BACKOFF_INITIAL_MS = 250
+RECONNECT_BACKOFF_MAX_MS = 1000
+RETRY_PAUSE_MAX_S = 1.0
 T = TypeVar("T")
 
 
@@ -87,7 +98,8 @@ class AgentClient:
     identity: ClientIdentity
     server_name: str | None = None
     timeout_s: float = 10.0
-    attempts: int = 3
+    attempts: int = 3  # at least this many tries of a retryable failure ...
+    retry_window_s: float = 10.0  # ... and more until this long after the first began
     clock: Callable[[], float] = time.time
     _channel: grpc.Channel = field(init=False, repr=False)
     _stub: agent_pb2_grpc.FirewallAgentStub = field(init=False, repr=False)
@@ -101,6 +113,8 @@ class AgentClient:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
@@ -159,17 +173,20 @@ class AgentClient:
     # --- calling ------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[..., T], request: object) -> T:
-        last: grpc.RpcError | None = None
-        for attempt in range(self.attempts):
+        until = time.monotonic() + self.retry_window_s
+        attempt = 0
+        while True:
             try:
                 return fn(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:
-                last = exc
-                if exc.code() not in RETRYABLE or attempt + 1 == self.attempts:
-                    break
-                time.sleep(min(2.0, 0.1 * 2**attempt))  # backoff between network retries
-        assert last is not None
-        raise AgentCallError(last.code(), last.details() or "")
+                attempt += 1
+                retry = exc.code() in RETRYABLE and (
+                    attempt < self.attempts or time.monotonic() < until
+                )
+                if not retry:
+                    raise AgentCallError(exc.code(), exc.details() or "") from None
+                # Back-off between network retries, never longer than the channel's own.
+                time.sleep(min(RETRY_PAUSE_MAX_S, 0.1 * 2 ** (attempt - 1)))
 
     def send(self, rpc: str, envelope: agent_pb2.SignedEnvelope) -> agent_pb2.ApplyResult:
         """Send an already signed envelope on ``rpc`` (Allow, Revoke, Sync, Erase)."""

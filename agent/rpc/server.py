@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -22,16 +24,32 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ApiConfig
 from agent.errors import AgentError, ConfigError
 from agent.preflight import verify_tls
+from agent.rpc.gate import (
+    ConnectionGate,
+    GateLimits,
+    NoObserver,
+    TransportObserver,
+    ensure_descriptors,
+)
 from agent.rpc.pb import agent_pb2
 from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
-from agent.rpc.service import Context, FirewallAgentService, add_to_server
+from agent.rpc.service import CallNotes, Context, FirewallAgentService, add_to_server
 from agent.rpc.status import abort
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Calls in flight when a connection reaches max_connection_age get this long to finish.
+CONNECTION_AGE_GRACE_S = 30
+# A keepalive ping unanswered this long closes the connection (a peer that vanished).
+KEEPALIVE_TIMEOUT_S = 20
+
+
+def gate_limits(api: ApiConfig) -> GateLimits:
+    return GateLimits(api.max_connections, api.max_connections_per_source, api.handshake_timeout_s)
+
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["FirewallAgent"].full_name
 
@@ -77,6 +95,7 @@ class GuardedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # no stub
         try:
             self._service.settings.callers.identify(context)
         except AgentError as exc:
+            self._service.refused("Health", exc, context, CallNotes())
             await abort(context, exc)
 
     async def Check(
@@ -87,7 +106,16 @@ class GuardedHealth(health_aio.HealthServicer):  # type: ignore[misc]  # no stub
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         await self._identify(context)
-        await super().Watch(request, context)
+        # A stream that stays open: it takes a watcher's slot, never another RPC's capacity.
+        watchers = self._service.watchers
+        try:
+            watcher = watchers.enter(0)
+        except AgentError as exc:
+            await abort(context, exc)
+        try:
+            await super().Watch(request, context)
+        finally:
+            watchers.leave(watcher)
 
 
 class AgentServer:
@@ -105,8 +133,10 @@ class AgentServer:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         material: TlsMaterial | None = None,
+        observer: TransportObserver | None = None,
     ) -> None:
         self.service = service
+        self._observer = observer or NoObserver()
         # The daemon passes what it loaded and checked before it first touched the kernel.
         self._material = material if material is not None else TlsMaterial.load(cfg)
         self._fresh: grpc.ServerCertificateConfiguration | None = None
@@ -126,13 +156,26 @@ class AgentServer:
     async def _build(
         self, cfg: AgentConfig, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]]
     ) -> int:
+        api = cfg.api
+        ensure_descriptors(api.max_connections)
         self._server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", cfg.api.max_message_bytes + SLACK),
-                ("grpc.max_send_message_length", cfg.api.max_message_bytes),
+                ("grpc.max_receive_message_length", api.max_message_bytes + SLACK),
+                ("grpc.max_send_message_length", api.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # The lifetime bounds of a connection (the gate bounds their number).
+                ("grpc.server_handshake_timeout_ms", api.handshake_timeout_s * 1000),
+                ("grpc.max_connection_idle_ms", api.max_connection_idle_s * 1000),
+                ("grpc.max_connection_age_ms", api.max_connection_age_s * 1000),
+                ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_S * 1000),
+                ("grpc.keepalive_time_ms", api.keepalive_s * 1000),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+                # Behind the gate, a backstop: never more connections than the gate admits.
+                ("grpc.max_allowed_incoming_connections", api.max_connections),
             ],
-            maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs,
+            # Watch streams have their own cap, enforced by the handlers (too_many_watchers);
+            # gRPC's counts every call, so it holds both and watchers cannot eat the rest.
+            maximum_concurrent_rpcs=cfg.api.max_concurrent_rpcs + cfg.api.max_watchers,
             interceptors=list(interceptors),  # observers only (metrics); they never change a call
         )
         self.service.bind(asyncio.get_running_loop())
@@ -149,13 +192,24 @@ class AgentServer:
             self._fetch,  # type: ignore[arg-type]  # grpc documents None as "no change"
             require_client_authentication=True,
         )
+        # gRPC listens on a Unix socket only this process can reach; the gate owns the port.
+        self._private = Path(tempfile.mkdtemp(prefix="vicifast-agent-grpc-"))
+        backend = self._private / "grpc.sock"
         try:
-            port = self._server.add_secure_port(cfg.api.listen, creds)
+            bound = self._server.add_secure_port(f"unix:{backend}", creds)
         except RuntimeError:
-            port = 0
-        if port == 0:
-            raise ConfigError("api.listen", f"cannot listen on {cfg.api.listen}")
-        return port
+            bound = 0
+        if bound == 0:
+            raise ConfigError("api.listen", f"cannot open gRPC's private socket in {self._private}")
+        try:
+            self.gate = ConnectionGate(
+                api.listen, str(backend), gate_limits(api), observer=self._observer
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "api.listen", f"cannot listen on {api.listen}: {exc.strerror}"
+            ) from exc
+        return self.gate.port
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         # Called by gRPC core on each new handshake: None keeps the current material.
@@ -166,8 +220,13 @@ class AgentServer:
     def start(self) -> None:
         self._on_loop(self._start())
 
+    def open_connections(self) -> int:
+        """Connections the gate holds now (a scrape's read of a counter the loop moves)."""
+        return self.gate.counts.total
+
     async def _start(self) -> None:
         await self._server.start()
+        await self.gate.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -175,6 +234,7 @@ class AgentServer:
         """Re-read certificate, key and client CA for new handshakes; raise ``ConfigError``
         (keeping the current material) if they cannot be read, parsed or do not match."""
         material = TlsMaterial.load(cfg) if material is None else material
+        self._loop.call_soon_threadsafe(self.gate.reload, gate_limits(cfg.api))
         with self._lock:
             if material != self._material:
                 self._material = material
@@ -191,8 +251,11 @@ class AgentServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.stop()
+        await self.gate.stop_accepting()
         await self._server.stop(grace)
+        await self.gate.stop()
         self.service.close()
+        shutil.rmtree(self._private, ignore_errors=True)
 
     def _close_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -21,11 +22,12 @@ from google.protobuf.message import DecodeError
 from agent import __version__
 from agent.config import AgentConfig
 from agent.engine import Engine
-from agent.errors import AgentError, ResourceExhausted, Unauthenticated
+from agent.errors import AgentError, InvalidArgument, ResourceExhausted, Unauthenticated
 from agent.gcpause import collector_paused
 from agent.outcome import Outcome
+from agent.ratelog import RateLimitedLog
 from agent.rpc import convert
-from agent.rpc.auth import CallerPolicy
+from agent.rpc.auth import CallerPolicy, presented_identity
 from agent.rpc.envelope import OpenedRequest, SignedRequestT, TrustPolicy, open_envelope
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.status import abort
@@ -76,6 +78,73 @@ def envelope_decoder(max_bytes: int) -> Callable[[bytes], Envelope]:
     return decode
 
 
+MessageT = TypeVar("MessageT", agent_pb2.GetStateRequest, agent_pb2.WatchEventsRequest)
+
+
+def request_decoder(message_type: type[MessageT]) -> Callable[[bytes], MessageT | Undecodable]:
+    """The transport's request decoder for the unsigned RPCs (GetState, WatchEvents).
+
+    As for envelopes, grpcio turns a raising decoder into ``UNKNOWN: Unexpected <class
+    DecodeError>``; the handler answers ``INVALID_ARGUMENT malformed_request`` instead.
+    """
+
+    def decode(data: bytes) -> MessageT | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(len(data))
+
+    return decode
+
+
+def _decoded(request: MessageT | Undecodable) -> MessageT:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            "malformed_request", f"{request.size} bytes that are not the RPC's request message"
+        )
+    return request
+
+
+@dataclass(slots=True, eq=False)
+class Watcher:
+    """One open event stream (loop thread only): how far it got, and whether it is stuck."""
+
+    since: int
+    buffer: int = 0  # events that may wait for it while its write is blocked; 0 = no check
+    writing: bool = False
+    behind: bool = False
+
+
+class Watchers:
+    """The open event streams, capped apart from the other RPCs (``api.max_watchers``).
+
+    Loop thread only. The health service's Watch streams count here too: any stream that stays
+    open is a watcher, and none may take the capacity of the other RPCs.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap  # fixed at start: gRPC's own limit, made at start, counts it in
+        self._open: set[Watcher] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def enter(self, since: int) -> Watcher:
+        if len(self._open) >= self.cap:
+            raise ResourceExhausted("too_many_watchers", f"{self.cap} event streams are open")
+        w = Watcher(since)
+        self._open.add(w)
+        return w
+
+    def leave(self, w: Watcher) -> None:
+        self._open.discard(w)
+
+    def mark_behind(self, version: int) -> None:
+        for w in self._open:
+            if w.writing and w.buffer and version - w.since > w.buffer:
+                w.behind = True
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What a reload replaces at once: configuration, trusted keys, allowed callers."""
@@ -83,6 +152,20 @@ class Settings:
     config: AgentConfig
     trust: TrustPolicy
     callers: CallerPolicy
+
+
+@dataclass(slots=True)
+class CallNotes:
+    """What a call has revealed about itself so far, for the log line of its refusal."""
+
+    request_id: str = "-"
+
+
+# Refusals are logged at WARNING, at most a burst of 10 and then 30 a minute: a flood of bad
+# requests fills the metrics, never the journal.
+REFUSAL_LOG_PER_MINUTE = 30
+REFUSAL_LOG_BURST = 10
+refusal_log = logging.getLogger("agent.rpc.refusals")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +225,10 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()  # replaced after each change: set means "look again"
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-big")
+        self.watchers = Watchers(settings.config.api.max_watchers)
+        self.refusals = RateLimitedLog(
+            refusal_log, per_minute=REFUSAL_LOG_PER_MINUTE, burst=REFUSAL_LOG_BURST
+        )
         engine.add_listener(self._engine_changed)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -169,6 +256,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     def _wake_watchers(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        self.watchers.mark_behind(self.engine.state_version)
 
     async def _large(self, fn: Callable[[], T]) -> T:
         """``fn`` for a large request or answer: off the loop, and without cyclic collections
@@ -176,15 +264,38 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._workers, functools.partial(_paused, fn))
 
+    def refused(self, rpc: str, exc: AgentError, context: Context, notes: CallNotes) -> None:
+        """One WARNING per refusal (rate-limited): reason word, caller, request id and RPC.
+
+        Never the detail: it may name an address or a subject.
+        """
+        caller = presented_identity(context)
+        self.refusals.emit(
+            logging.WARNING,
+            "refused",
+            "refused %s: %s (caller %s, request %s)",
+            rpc,
+            exc.reason,
+            caller,
+            notes.request_id,
+            fields={
+                "REASON": exc.reason,
+                "CALLER": caller,
+                "REQUEST_ID": notes.request_id,
+                "RPC": rpc,
+            },
+        )
+
     # --- signed RPCs -------------------------------------------------------------------------
 
     async def _signed(
         self, rpc: SignedRpc[Any], envelope: Envelope, context: Context
     ) -> agent_pb2.ApplyResult:
+        notes = CallNotes()
         try:
             s = self.settings
             caller = s.callers.identify(context)
-            check = functools.partial(self._checked, rpc, envelope, caller, s)
+            check = functools.partial(self._checked, rpc, envelope, caller, s, notes)
             big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
                 len(envelope.payload) > INLINE_PAYLOAD_BYTES
             )
@@ -197,10 +308,16 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
+            self.refused(rpc.name, exc, context, notes)
             await abort(context, exc)
 
     def _checked(
-        self, rpc: SignedRpc[SignedRequestT], envelope: Envelope, caller: str, s: Settings
+        self,
+        rpc: SignedRpc[SignedRequestT],
+        envelope: Envelope,
+        caller: str,
+        s: Settings,
+        notes: CallNotes,
     ) -> Command | Outcome:
         """The request's command, or the original outcome of a replay it turned out to be."""
         if isinstance(envelope, Oversized):
@@ -214,6 +331,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         opened: OpenedRequest[SignedRequestT] = open_envelope(
             envelope, rpc.message_type, s.trust, int(self.clock() * 1000)
         )
+        notes.request_id = opened.header.request_id  # checked by open_envelope
         meta = RequestMeta(
             request_id=opened.header.request_id,
             rpc=rpc.name,
@@ -250,12 +368,14 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     # --- unsigned RPCs (mTLS only) -----------------------------------------------------------
 
     async def GetState(
-        self, request: agent_pb2.GetStateRequest, context: Context
+        self, request: agent_pb2.GetStateRequest | Undecodable, context: Context
     ) -> agent_pb2.AgentState:
         try:
             s = self.settings
             s.callers.identify(context)
+            _decoded(request)
         except AgentError as exc:
+            self.refused("GetState", exc, context, CallNotes())
             await abort(context, exc)
         # 100,000 entries take a while to turn into messages: not on the loop.
         return await self._large(functools.partial(self._state, s))
@@ -278,32 +398,76 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         convert.add_entries(sorted(entries, key=lambda e: e.key), state.entries)
         return state
 
-    async def WatchEvents(
-        self, request: agent_pb2.WatchEventsRequest, context: Context
-    ) -> AsyncIterator[agent_pb2.AgentEvent]:
+    async def WatchEvents(  # type: ignore[override]  # writes with context.write, returns None
+        self, request: agent_pb2.WatchEventsRequest | Undecodable, context: Context
+    ) -> None:
         try:
-            self.settings.callers.identify(context)
+            s = self.settings
+            s.callers.identify(context)
+            since = _decoded(request).since_state_version
+            watcher = self.watchers.enter(since)
         except AgentError as exc:
+            self.refused("WatchEvents", exc, context, CallNotes())
             await abort(context, exc)
-        since = request.since_state_version
-        complete, events = self.engine.events_after(since)
+        try:
+            await self._stream(watcher, context, s.config)
+        finally:
+            self.watchers.leave(watcher)
+
+    async def _stream(self, w: Watcher, context: Context, cfg: AgentConfig) -> None:
+        """Retained events after ``w.since``, then live ones, until the daemon stops or the
+        watcher falls behind (PROTOCOL.md, WatchEvents).
+
+        Each message is one awaited write, so what waits for a watcher that does not read is
+        gRPC's flow-controlled stream window, never a queue of ours. While a write is blocked
+        the writer's changes mark the watcher ``behind`` once more than
+        ``api.watch_buffer_events`` wait for it (``_wake_watchers``); its next message is then
+        ``RESYNC_REQUIRED`` and the stream ends. A write blocked ``api.watch_stall_timeout_s``
+        ends the stream at once: the message it was writing and those before it are still
+        delivered, then ``RESOURCE_EXHAUSTED watcher_stalled``.
+        """
+        stall_s = cfg.api.watch_stall_timeout_s
+        w.buffer = cfg.api.watch_buffer_events
+
+        async def send(msg: agent_pb2.AgentEvent) -> None:
+            w.writing = True
+            try:
+                await asyncio.wait_for(context.write(msg), stall_s)
+            except TimeoutError:
+                # The cancelled write's message stays queued; only a status can follow it.
+                await abort(
+                    context,
+                    ResourceExhausted("watcher_stalled", f"no message read for {stall_s} s"),
+                )
+            finally:
+                w.writing = False
+
+        complete, events = self.engine.events_after(w.since)
         if not complete:
-            yield self._resync(since, f"history does not reach back to {since}; call GetState")
+            await send(self._resync(w.since, f"history does not reach back to {w.since}"))
         while True:
             for e in events:
-                yield convert.event_message(e)
-                since = max(since, e.state_version)
+                if w.behind:
+                    await send(
+                        self._resync(
+                            w.since,
+                            "this watcher stopped reading and fell "
+                            f"more than {w.buffer} events behind",
+                        )
+                    )
+                    return
+                await send(convert.event_message(e))
+                w.since = max(w.since, e.state_version)
             # No await between the check and the wait: a change announced meanwhile reaches
             # the loop after this coroutine is waiting on the event it sets.
-            while self.engine.state_version <= since and not self.stopping:
+            while self.engine.state_version <= w.since and not self.stopping:
                 await self._changed.wait()
             if self.stopping:
                 return
-            complete, events = self.engine.events_after(since)
+            complete, events = self.engine.events_after(w.since)
             if not complete:
-                yield self._resync(
-                    since, "this watcher fell behind the retained history; call GetState"
-                )
+                await send(self._resync(w.since, "this watcher fell behind the retained history"))
+                return
 
     def _resync(self, since: int, why: str) -> agent_pb2.AgentEvent:
         now = int(self.clock() * 1000)
@@ -323,12 +487,12 @@ def add_to_server(service: FirewallAgentService, server: grpc.aio.Server, max_by
     }
     handlers["GetState"] = grpc.unary_unary_rpc_method_handler(
         service.GetState,
-        request_deserializer=agent_pb2.GetStateRequest.FromString,
+        request_deserializer=request_decoder(agent_pb2.GetStateRequest),
         response_serializer=agent_pb2.AgentState.SerializeToString,
     )
     handlers["WatchEvents"] = grpc.unary_stream_rpc_method_handler(
         service.WatchEvents,
-        request_deserializer=agent_pb2.WatchEventsRequest.FromString,
+        request_deserializer=request_decoder(agent_pb2.WatchEventsRequest),
         response_serializer=agent_pb2.AgentEvent.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
