@@ -93,8 +93,10 @@ class LocalService:
         health: Callable[[], Health] = Health,
         shadowing: Callable[[], Sequence[Shadow]] = tuple,
         clock: Callable[[], float] = time.time,
+        loops: Callable[[], dict[str, Any]] = lambda: {"stalled": [], "faults": {}},
     ) -> None:
         self.engine = engine
+        self.loops = loops  # the supervised loops: stalled ones, faults per loop
         self.table = table
         self.config = config
         self.config_path = config_path
@@ -140,6 +142,7 @@ class LocalService:
             "in_sync": h.in_sync,
             "last_verified_at_ms": h.last_verified_at_ms,
             "drift_repairs": h.drift_repairs,
+            "loops": self.loops(),
             "shadowing": [_shadow_json(s) for s in self.shadowing()],
             "table": f"inet {cfg.firewall.table}",
             "listen": {
