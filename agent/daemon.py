@@ -20,6 +20,7 @@ daemon restarted; STATUS= and the metrics name the loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -69,7 +70,13 @@ def _notify(message: str) -> None:
     """sd_notify through libsystemd's binding; a no-op when not under systemd."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return
-    systemd.daemon.notify(message)
+    try:
+        systemd.daemon.notify(message)
+    except OSError as exc:
+        # Out of descriptors, say: this message is lost (a missed WATCHDOG=1 is made up by the
+        # next one), the caller's loop goes on.
+        reason = errno.errorcode.get(exc.errno or 0, "oserror")
+        log.warning("cannot notify systemd: %s", reason, extra={"REASON": "notify_failed"})
 
 
 def watchdog_interval_s() -> float | None:

@@ -184,7 +184,7 @@ class Verifier:
         try:
             self.supervision.checkpoint("monitor")
             touch = self.monitor.wait(timeout, self._wake_r)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  # a broken socket or an unparsable message
             self.supervision.fault("monitor", exc)
             return Touch(lost=True)
         self.supervision.beat("monitor")

@@ -19,8 +19,11 @@ from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
+from test_admin import STATUS  # the admin tests' sample status
 
+from agent.admin import format_status
 from agent.config import LocalConfig, MetricsConfig
+from agent.daemon import Status
 from agent.engine import Engine
 from agent.errors import InvalidArgument
 from agent.local.access import Peer
@@ -464,3 +467,22 @@ def test_metrics_listener_survives_a_fault_in_its_accept_loop() -> None:
     finally:
         listener.stop()
     assert not any(t.name == "metrics" for t in threading.enumerate())
+
+
+# --- what the sysadmin sees --------------------------------------------------------------------
+
+
+def test_status_names_a_stalled_loop_and_the_faults() -> None:
+    turning = format_status({**STATUS, "loops": {"stalled": [], "faults": {"verify": 2}}})
+    assert "loops:         all turning; faults since start: verify 2" in turning
+    stalled = format_status(
+        {**STATUS, "loops": {"stalled": ["writer"], "faults": dict.fromkeys(LOOP_DEADLINES, 0)}}
+    )
+    assert "LOOPS STALLED: writer" in stalled
+    assert "faults: none" in stalled
+
+
+def test_systemd_status_line_names_stalled_loops() -> None:
+    line = Status(3, in_sync=True, resync_required=False, shadowed=False, stalled=("verify",))
+    assert "STALLED: verify" in line.line()
+    assert "STALLED" not in Status(3, True, False, False).line()
