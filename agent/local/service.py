@@ -217,6 +217,7 @@ class LocalService:
                     "the daemon repairs drift on its own; see its log if this persists",
                 )
             )
+        checks.append(check_loops(self.loops()))
         checks += doctor.check_state_dir(cfg.state.directory)
         checks += doctor.check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
         checks.append(
@@ -382,3 +383,27 @@ def _features_json(features: object) -> dict[str, Any] | None:
         name: getattr(features, name)
         for name in ("kernel_release", "nft_version", "readd_updates_timeout", "destroy_supported")
     }
+
+
+def check_loops(loops: dict[str, Any]) -> doctor.Check:
+    """``doctor``'s verdict on the supervised loops (``agent.supervise``)."""
+    stalled = list(loops.get("stalled") or ())
+    faults = {name: n for name, n in (loops.get("faults") or {}).items() if n}
+    if stalled:
+        return doctor.Check(
+            "loops",
+            doctor.Level.PROBLEM,
+            f"no progress within the deadline: {', '.join(stalled)}",
+            "the watchdog is not fed, so systemd restarts the daemon unless the loop recovers; "
+            "see `journalctl -u vicifast-agent REASON=loop_stalled`",
+        )
+    if faults:
+        listed = ", ".join(f"{name} {n}" for name, n in sorted(faults.items()))
+        return doctor.Check(
+            "loops",
+            doctor.Level.WARNING,
+            f"every loop is turning; faults survived since start: {listed}",
+            "see `journalctl -u vicifast-agent REASON=loop_fault` for the error and where it "
+            "was raised",
+        )
+    return doctor.Check("loops", doctor.Level.OK, "every loop is turning, no faults since start")

@@ -24,11 +24,13 @@ from test_admin import STATUS  # the admin tests' sample status
 from agent.admin import format_status
 from agent.config import LocalConfig, MetricsConfig
 from agent.daemon import Status
+from agent.doctor import Level
 from agent.engine import Engine
 from agent.errors import InvalidArgument
 from agent.local.access import Peer
 from agent.local.client import LocalClient
 from agent.local.server import LocalServer
+from agent.local.service import check_loops
 from agent.local.wire import LocalRequest
 from agent.metrics.http import MetricsListener
 from agent.metrics.loops import LoopCollector
@@ -486,3 +488,12 @@ def test_systemd_status_line_names_stalled_loops() -> None:
     line = Status(3, in_sync=True, resync_required=False, shadowed=False, stalled=("verify",))
     assert "STALLED: verify" in line.line()
     assert "STALLED" not in Status(3, True, False, False).line()
+
+
+def test_doctor_flags_stalled_loops_as_a_problem_and_faults_as_a_warning() -> None:
+    quiet = dict.fromkeys(LOOP_DEADLINES, 0)
+    assert check_loops({"stalled": [], "faults": quiet}).level is Level.OK
+    faulted = check_loops({"stalled": [], "faults": {**quiet, "verify": 3}})
+    assert (faulted.level, "verify 3" in faulted.summary) == (Level.WARNING, True)
+    stalled = check_loops({"stalled": ["grpc"], "faults": quiet})
+    assert (stalled.level, "grpc" in stalled.summary) == (Level.PROBLEM, True)
