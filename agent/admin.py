@@ -66,11 +66,25 @@ def format_status(s: dict[str, Any]) -> str:
             f"requests accepted within {c['clock_skew_s']} s of skew, "
             f"valid for at most {c['max_window_s']} s"
         )
+    lines.append(_format_loops(s.get("loops") or {}))
     if not s["shadowing"]:
         lines.append("  shadowing:     none")
     for sh in s["shadowing"]:
         lines.append(f"  SHADOWING:     {sh['description']}")
     return "\n".join(lines)
+
+
+def _format_loops(loops: dict[str, Any]) -> str:
+    """The supervised loops' line: the stalled ones first (the watchdog is not fed then)."""
+    faults = {name: n for name, n in (loops.get("faults") or {}).items() if n}
+    faulted = ", ".join(f"{name} {n}" for name, n in sorted(faults.items())) or "none"
+    stalled = loops.get("stalled") or []
+    if stalled:
+        return (
+            f"  LOOPS STALLED: {', '.join(stalled)} (watchdog not fed: systemd restarts the "
+            f"daemon); faults: {faulted}"
+        )
+    return f"  loops:         all turning; faults since start: {faulted}"
 
 
 def format_entries(result: dict[str, Any]) -> str:

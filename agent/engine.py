@@ -67,6 +67,7 @@ from agent.store_records import (
     PendingIntent,
     RequestRecord,
 )
+from agent.supervise import Supervision
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ LARGE_BATCH = 10_000
 OVERLAP_BATCH = 1_000
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
+# The supervised loops (agent.supervise) that run on the writer thread.
+WRITER_LOOPS = ("writer", "expiry", "conntrack")
 
 
 Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
@@ -228,6 +231,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         history: int = HISTORY,
         cut_flows: Callable[[Iterable[Address]], ForgetResult] = forget_flows,
+        supervision: Supervision | None = None,
     ) -> None:
         self.store = store
         self.table = table
@@ -236,6 +240,12 @@ class Engine:
         self.forget_window_ms = forget_window_ms
         self.clock = clock
         self.cut_flows = cut_flows
+        # The writer, expiry and conntrack cuts are supervised loops (agent.supervise): a fault
+        # is counted and backed off from, never the end of the writer thread.
+        self.supervision = supervision if supervision is not None else Supervision()
+        # What the writer's current turn took off the queue: answered with an error if the turn
+        # fails unexpectedly, so that no caller waits for an answer that will never come.
+        self._in_hand: list[_Pending | _Task | None] = []
         # Sources removed by the groups just processed, whose flows are cut once their callers
         # have their answers (see ``_run``).
         self._flows_to_cut: list[Address] = []
@@ -292,6 +302,8 @@ class Engine:
 
     def start(self) -> None:
         self.last_loop_at = time.monotonic()
+        for name in WRITER_LOOPS:
+            self.supervision.watch(name)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -360,6 +372,8 @@ class Engine:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+            for name in WRITER_LOOPS:
+                self.supervision.unwatch(name)
         self._kernel.shutdown(wait=True)
 
     # --- callers -----------------------------------------------------------------------------
@@ -416,30 +430,57 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stop_seen:
-            try:
-                first = self._queue.get(timeout=TICK_S)
-            except queue.Empty:
-                self.last_loop_at = time.monotonic()
-                self._expire()
-                if self._large_batch_done:
-                    self._release_memory()
-                continue
+            pause = self.supervision.guarded("writer", self._turn)
+            if pause:
+                self._abandon_in_hand()
+                time.sleep(pause)
+
+    def _turn(self) -> None:
+        """One turn of the writer: an idle tick (side work), or what the queue holds."""
+        try:
+            first = self._queue.get(timeout=TICK_S)
+        except queue.Empty:
             self.last_loop_at = time.monotonic()
-            group: list[_Pending] = []
-            # Requests are grouped; a task runs in its place in the order of arrival.
-            for item in [*self._drain(first), None]:
-                if isinstance(item, _Pending):
-                    group.append(item)
-                    continue
-                if group:
-                    self._expire()
-                    with collector_paused() if self._large(group) else contextlib.nullcontext():
-                        self._process(group)  # answers every request of the group
-                    _hand_over(group)
-                    self._cut_flows()
-                    group = []
-                if isinstance(item, _Task):
-                    self._run_task(item)
+            self._side_work("expiry", self._expire)
+            self._side_work("conntrack", self._cut_flows)
+            if self._large_batch_done:
+                self._release_memory()
+            return
+        self.last_loop_at = time.monotonic()
+        self._in_hand = self._drain(first)
+        group: list[_Pending] = []
+        # Requests are grouped; a task runs in its place in the order of arrival.
+        for item in [*self._in_hand, None]:
+            if isinstance(item, _Pending):
+                group.append(item)
+                continue
+            if group:
+                self._side_work("expiry", self._expire)
+                with collector_paused() if self._large(group) else contextlib.nullcontext():
+                    self._process(group)  # answers every request of the group
+                _hand_over(group)
+                self._side_work("conntrack", self._cut_flows)
+                group = []
+            if isinstance(item, _Task):
+                self._run_task(item)
+        self._in_hand = []
+
+    def _side_work(self, name: str, work: Callable[[], None]) -> None:
+        """Expiry and flow cuts on the writer's turns, each a supervised loop of its own: a
+        fault is counted and backed off from (the work waits), the writer's turn goes on."""
+        if self.supervision.due(name):
+            self.supervision.guarded(name, work)
+
+    def _abandon_in_hand(self) -> None:
+        """After a failed turn: whoever still waits on what it took gets an error now."""
+        items, self._in_hand = self._in_hand, []
+        failure = Unavailable("internal_error", "the writer failed; retry the request")
+        for item in items:
+            if item is None:
+                self._stop_seen = True
+            elif not item.future.done():
+                item.future.set_exception(failure)
+        _hand_over(p for p in items if isinstance(p, _Pending))
 
     def _drain(self, first: _Pending | _Task | None) -> list[_Pending | _Task | None]:
         """``first`` and what else is queued, waiting a moment for requests on their way while
@@ -659,7 +700,11 @@ class Engine:
         packets, and finding the flows walks the conntrack table (tens of milliseconds)."""
         if self._flows_to_cut:
             addresses, self._flows_to_cut = self._flows_to_cut, []
-            cut = self.cut_flows(addresses)
+            try:
+                cut = self.cut_flows(addresses)
+            except Exception:
+                self.flow_cut_failures += len(addresses)  # counted, then the fault is logged
+                raise
             self.flows_cut += cut.deleted
             self.flow_cut_failures += cut.failed
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from agent.rules.monitor import NftMonitor, Touch
 from agent.rules.shadowing import Shadow, read_shadowing
 from agent.rules.table import FirewallTable
 from agent.store import Store
+from agent.supervise import HEARTBEAT_S, Supervision
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE_S = 1.0
@@ -51,6 +53,7 @@ class Verifier:
         interval_s: float,
         elements_interval_s: float,
         on_change: Callable[[], None] = lambda: None,
+        supervision: Supervision | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -67,10 +70,18 @@ class Verifier:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
+        # A supervised loop (agent.supervise): "verify", with the netlink monitor it waits on
+        # as "monitor". After a failed turn the next one checks every element (``_missed``).
+        self.supervision = supervision if supervision is not None else Supervision()
+        self._missed = False
+        self._next_check = 0.0
+        self._next_full = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        for name in ("verify", "monitor"):
+            self.supervision.watch(name)
         self._thread = threading.Thread(target=self._run, name="verify", daemon=True)
         self._thread.start()
 
@@ -80,6 +91,8 @@ class Verifier:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        for name in ("verify", "monitor"):
+            self.supervision.unwatch(name)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -144,33 +157,62 @@ class Verifier:
 
     def _run(self) -> None:
         now = time.monotonic()
-        next_check = now + self.interval_s
-        next_full = now + self.elements_interval_s
+        self._next_check = now + self.interval_s
+        self._next_full = now + self.elements_interval_s
         while not self._stopping:
-            timeout = max(0.0, next_check - time.monotonic())
-            try:
-                touch = self.monitor.wait(timeout, self._wake_r)
-            except OSError:
-                log.exception("netlink monitor failed; relying on periodic checks")
-                touch = Touch(lost=True)
-            if self._stopping:
-                return
-            now = time.monotonic()
-            if touch.ours:
-                ok = self.verify(self._scope_for(touch)) is not None
-                if touch.lost and ok:
-                    next_full = now + self.elements_interval_s
-            elif now >= next_check:
-                full = now >= next_full
-                ok = self.verify(FULL if full else STRUCTURE) is not None
-                if full and ok:
-                    next_full = now + self.elements_interval_s
-            else:
-                ok = True
-            if touch.elsewhere or now >= next_check:
-                self.refresh_shadowing()
-            if now >= next_check or not ok:
-                delay = self.interval_s if ok else RETRY_AFTER_FAILURE_S
-                next_check = time.monotonic() + delay
+            pause = self.supervision.guarded("verify", self._turn)
+            if pause:
+                self._failed_turn(pause)
         with contextlib.suppress(OSError):
             self.monitor.close()
+
+    def _failed_turn(self, pause: float) -> None:
+        """After an unexpected fault: say the table is unverified, wait out the back-off (or a
+        stop), and make the next turn compare everything."""
+        self.in_sync = False
+        self.last_error = "verification failed unexpectedly; retrying"
+        self._missed = True
+        self.on_change()
+        select.select([self._wake_r], [], [], pause)
+
+    def _wait(self, timeout: float) -> Touch:
+        """The monitor's news; a failing monitor is a fault of its own ("monitor"), backed off
+        from, and reported as lost notifications so that the table is checked in full."""
+        if not self.supervision.due("monitor"):  # backing off: the periodic checks cover it
+            select.select([self._wake_r], [], [], timeout)
+            return Touch()
+        try:
+            self.supervision.checkpoint("monitor")
+            touch = self.monitor.wait(timeout, self._wake_r)
+        except Exception as exc:  # noqa: BLE001  # a broken socket or an unparsable message
+            self.supervision.fault("monitor", exc)
+            return Touch(lost=True)
+        self.supervision.beat("monitor")
+        return touch
+
+    def _turn(self) -> None:
+        # Waking at least every HEARTBEAT_S even when nothing happens: the turn's completion is
+        # this loop's heartbeat, which the watchdog needs.
+        timeout = 0.0 if self._missed else max(0.0, self._next_check - time.monotonic())
+        touch = self._wait(min(HEARTBEAT_S, timeout))
+        if self._missed:
+            touch, self._missed = touch.merge(Touch(lost=True)), False
+        if self._stopping:
+            return
+        now = time.monotonic()
+        if touch.ours:
+            ok = self.verify(self._scope_for(touch)) is not None
+            if touch.lost and ok:
+                self._next_full = now + self.elements_interval_s
+        elif now >= self._next_check:
+            full = now >= self._next_full
+            ok = self.verify(FULL if full else STRUCTURE) is not None
+            if full and ok:
+                self._next_full = now + self.elements_interval_s
+        else:
+            ok = True
+        if touch.elsewhere or now >= self._next_check:
+            self.refresh_shadowing()
+        if now >= self._next_check or not ok:
+            delay = self.interval_s if ok else RETRY_AFTER_FAILURE_S
+            self._next_check = time.monotonic() + delay

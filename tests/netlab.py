@@ -289,21 +289,21 @@ class Lab:
                 ["ip", "netns", "add", ns.name], check=True, capture_output=True, text=True
             )
             self._created.append(ns)
-            # Belt and braces with ``nodad``: the link-local addresses skip DAD as well.
-            with ns.entered():
-                for scope in ("all", "default"):
-                    with open(f"/proc/sys/net/ipv6/conf/{scope}/accept_dad", "w") as f:
-                        f.write("0")
         peer = ("peer", "name", "eth0", "netns", self.cli.name)
         subprocess.run(
             [*_ip_n(self.srv, "link", "add", "eth0", "type", "veth"), *peer],
             check=True,
             capture_output=True,
         )
+        # No sysctl is written (a container's /proc/sys is often read-only): every address is
+        # added ``nodad``, and ``addrgenmode none`` keeps the kernel from making a link-local
+        # address, which would go through duplicate address detection (neighbour discovery
+        # works from the global addresses; nothing here uses link-local ones).
         _ip_batch(
             self.srv,
             [
                 "link set lo up",
+                "link set eth0 addrgenmode none",
                 "link set eth0 up",
                 f"addr add {a.server4}/24 dev eth0",
                 f"addr add {a.server6}/64 dev eth0 nodad",
@@ -315,6 +315,7 @@ class Lab:
             self.cli,
             [
                 "link set lo up",
+                "link set eth0 addrgenmode none",
                 "link set eth0 up",
                 f"addr add {a.client4}/24 dev eth0",
                 f"addr add {a.client4_alt}/24 dev eth0",

@@ -39,7 +39,8 @@ from agent.local.wire import (
 from agent.rpc.service import Health
 from agent.rules.shadowing import Shadow
 from agent.rules.table import FirewallTable
-from agent.serving import serving_thread
+from agent.serving import SupervisedServer, serving_thread
+from agent.supervise import Supervision
 
 log = logging.getLogger("vicifast-agent.local")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the name
@@ -146,7 +147,7 @@ class _Gate:
             self._limiter.take(uid, self.clock())
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Server(socketserver.ThreadingMixIn, SupervisedServer, socketserver.UnixStreamServer):
     daemon_threads = True
     block_on_close = False
 
@@ -157,6 +158,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Handler, bind_and_activate=False)
 
     def service_actions(self) -> None:
+        super().service_actions()  # the supervision's heartbeat (agent.serving)
         # Runs every poll interval of serve_forever: after a reload replaced the configuration,
         # give the socket file the new group, or its new members could not even connect.
         cfg = self.gate.config()
@@ -186,8 +188,10 @@ class LocalServer:
         service: LocalService,
         *,
         clock: Callable[[], float] = time.monotonic,
+        supervision: Supervision | None = None,
     ) -> None:
         self.path = config().socket
+        self.supervision = supervision
         self._gate = _Gate(service, config, clock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -211,7 +215,7 @@ class LocalServer:
         self._inode = (st.st_dev, st.st_ino)
         server.applied = self._gate.config()
         self._server = server
-        self._thread = serving_thread(server, "local")
+        self._thread = serving_thread(server, "local", self.supervision)
         self._thread.start()
         log.info("local socket on %s (mode 0660, group %s)", self.path, gid or 0)
 
@@ -246,7 +250,7 @@ class DaemonParts(Protocol):
     def shadowing(self) -> tuple[Shadow, ...]: ...
 
 
-def serve_local(daemon: DaemonParts) -> LocalServer:
+def serve_local(daemon: DaemonParts, supervision: Supervision | None = None) -> LocalServer:
     """Start the local socket of a running daemon (unless disabled); ``stop()`` it at shutdown.
 
     A socket that cannot be served (path taken by a live daemon, unwritable directory) is logged
@@ -263,8 +267,9 @@ def serve_local(daemon: DaemonParts) -> LocalServer:
         health=daemon.health,
         shadowing=lambda: daemon.shadowing,
         reload=daemon.request_reload,
+        loops=lambda: _loops_json(supervision),
     )
-    server = LocalServer(lambda: daemon.cfg.local, service)
+    server = LocalServer(lambda: daemon.cfg.local, service, supervision=supervision)
     if daemon.cfg.local.enabled:
         try:
             server.start()
@@ -289,3 +294,10 @@ def _remove_stale(path: Path) -> None:
             path.unlink()  # nobody listens: left behind by a previous run
             return
     raise Unavailable("local_socket_in_use", f"another process serves {path}")
+
+
+def _loops_json(supervision: Supervision | None) -> dict[str, object]:
+    """The supervised loops for ``status``: which are stalled, faults per loop since start."""
+    if supervision is None:
+        return {"stalled": [], "faults": {}}
+    return {"stalled": list(supervision.stalled()), "faults": supervision.faults()}

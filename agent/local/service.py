@@ -101,8 +101,10 @@ class LocalService:
         shadowing: Callable[[], Sequence[Shadow]] = tuple,
         clock: Callable[[], float] = time.time,
         reload: Callable[[], AgentError | None] | None = None,
+        loops: Callable[[], dict[str, Any]] = lambda: {"stalled": [], "faults": {}},
     ) -> None:
         self.engine = engine
+        self.loops = loops  # the supervised loops: stalled ones, faults per loop
         self.table = table
         self.config = config
         self.config_path = config_path
@@ -161,6 +163,7 @@ class LocalService:
             "in_sync": h.in_sync,
             "last_verified_at_ms": h.last_verified_at_ms,
             "drift_repairs": h.drift_repairs,
+            "loops": self.loops(),
             "shadowing": [_shadow_json(s) for s in self.shadowing()],
             "table": f"inet {cfg.firewall.table}",
             "listen": {
@@ -243,6 +246,7 @@ class LocalService:
                     "the daemon repairs drift on its own; see its log if this persists",
                 )
             )
+        checks.append(check_loops(self.loops()))
         checks += doctor.check_state_dir(cfg.state.directory, owner=current_user())
         checks += doctor.check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
         checks += doctor.check_readiness(cfg)
@@ -409,3 +413,27 @@ def _features_json(features: object) -> dict[str, Any] | None:
         name: getattr(features, name)
         for name in ("kernel_release", "nft_version", "readd_updates_timeout", "destroy_supported")
     }
+
+
+def check_loops(loops: dict[str, Any]) -> doctor.Check:
+    """``doctor``'s verdict on the supervised loops (``agent.supervise``)."""
+    stalled = list(loops.get("stalled") or ())
+    faults = {name: n for name, n in (loops.get("faults") or {}).items() if n}
+    if stalled:
+        return doctor.Check(
+            "loops",
+            doctor.Level.PROBLEM,
+            f"no progress within the deadline: {', '.join(stalled)}",
+            "the watchdog is not fed, so systemd restarts the daemon unless the loop recovers; "
+            "see `journalctl -u vicifast-agent REASON=loop_stalled`",
+        )
+    if faults:
+        listed = ", ".join(f"{name} {n}" for name, n in sorted(faults.items()))
+        return doctor.Check(
+            "loops",
+            doctor.Level.WARNING,
+            f"every loop is turning; faults survived since start: {listed}",
+            "see `journalctl -u vicifast-agent REASON=loop_fault` for the error and where it "
+            "was raised",
+        )
+    return doctor.Check("loops", doctor.Level.OK, "every loop is turning, no faults since start")

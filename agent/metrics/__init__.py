@@ -38,6 +38,7 @@ from agent.metrics.instruments import (
 from agent.metrics.source import CounterSource, MetricsSource, SourceStatus
 from agent.rules.counters import NamedCounterReader
 from agent.rules.nft import NftAdapter
+from agent.supervise import Supervision
 
 __all__ = ["AgentMetrics", "CounterSource", "MetricsSource", "SourceStatus", "start_metrics"]
 
@@ -69,6 +70,7 @@ class AgentMetrics:
         counters: CounterSource,
         *,
         nft_version: str,
+        supervision: Supervision | None = None,
     ) -> None:
         self.registry, self._state, self._drops, self._certificates = build_registry(
             cfg, source, counters, nft_version=nft_version
@@ -78,7 +80,7 @@ class AgentMetrics:
         self.kernel = KernelMetrics(self.registry)
         self.transport = TransportMetrics(self.registry)
         self.interceptor = RequestInterceptor(self.requests)
-        self.listener = MetricsListener(cfg.metrics, self.registry)
+        self.listener = MetricsListener(cfg.metrics, self.registry, supervision)
 
     def start(self) -> None:
         self.listener.start()
@@ -97,7 +99,12 @@ class AgentMetrics:
 
 
 def start_metrics(
-    cfg: AgentConfig, source: MetricsSource, *, nft: NftAdapter, nft_version: str
+    cfg: AgentConfig,
+    source: MetricsSource,
+    *,
+    nft: NftAdapter,
+    nft_version: str,
+    supervision: Supervision | None = None,
 ) -> AgentMetrics:
     """Build the daemon's metrics, observe ``nft``'s transactions and start the listener.
 
@@ -107,7 +114,9 @@ def start_metrics(
     """
     reader = NamedCounterReader(cfg.firewall.table)
     try:
-        metrics = AgentMetrics(cfg, source, reader, nft_version=nft_version)
+        metrics = AgentMetrics(
+            cfg, source, reader, nft_version=nft_version, supervision=supervision
+        )
     except BaseException:
         reader.close()
         raise

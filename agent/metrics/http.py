@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from agent.config import MetricsConfig
 from agent.errors import ConfigError
-from agent.serving import serving_thread
+from agent.serving import SupervisedServer, serving_thread
+from agent.supervise import Supervision
 
 log = logging.getLogger(__name__)
 CONNECTION_TIMEOUT_S = 10.0
@@ -71,7 +72,7 @@ class _Handler(WSGIRequestHandler):
         pass  # scrapes are routine; failures are visible to the scraper
 
 
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
+class _Server(socketserver.ThreadingMixIn, SupervisedServer, WSGIServer):
     daemon_threads = True
     tls: ssl.SSLContext | None = None
 
@@ -112,7 +113,12 @@ def _address(listen: str) -> tuple[socket.AddressFamily, str, int]:
 class MetricsListener:
     """Serves ``registry`` on ``cfg.listen`` (HTTPS when ``tls_cert``/``tls_key`` are set)."""
 
-    def __init__(self, cfg: MetricsConfig, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        registry: CollectorRegistry,
+        supervision: Supervision | None = None,
+    ) -> None:
         self.listen = cfg.listen
         tls = TlsFiles.of(cfg)
         context = tls.context() if tls else None
@@ -130,7 +136,7 @@ class MetricsListener:
         self._server.tls = context
         self._server.set_app(make_wsgi_app(registry))
         self.port = int(self._server.server_address[1])
-        self._thread = serving_thread(self._server, "metrics-http")
+        self._thread = serving_thread(self._server, "metrics", supervision)
 
     @property
     def tls(self) -> bool:

@@ -38,6 +38,7 @@ from agent.rpc.pb import agent_pb2
 from agent.rpc.service import TRANSPORT_SLACK_BYTES as SLACK
 from agent.rpc.service import CallNotes, Context, FirewallAgentService, add_to_server
 from agent.rpc.status import abort
+from agent.supervise import HEARTBEAT_S, Supervision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -229,6 +230,33 @@ class AgentServer:
         await self.gate.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def supervise(self, supervision: Supervision) -> None:
+        """Make the event loop a supervised loop ("grpc"): a callback beats every HEARTBEAT_S
+        (a loop blocked by a stuck call stops beating), and exceptions the loop catches in
+        callbacks and tasks are counted and logged as its faults."""
+
+        def beat() -> None:
+            if self._loop.is_closed():
+                return
+            self._loop.call_later(HEARTBEAT_S, beat)  # first: a failing checkpoint must not
+            try:  # end the heartbeat for good
+                supervision.checkpoint("grpc")
+            except Exception as exc:  # noqa: BLE001  # counted like any fault of the loop
+                supervision.fault("grpc", exc)
+                return
+            supervision.beat("grpc")
+
+        def caught(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, Exception):
+                supervision.fault("grpc", exc)
+            else:  # a warning without an exception (an unclosed transport): as asyncio would
+                loop.default_exception_handler(context)
+
+        supervision.watch("grpc")
+        self._loop.call_soon_threadsafe(self._loop.set_exception_handler, caught)
+        self._loop.call_soon_threadsafe(beat)
 
     def reload(self, cfg: AgentConfig, *, material: TlsMaterial | None = None) -> None:
         """Re-read certificate, key and client CA for new handshakes; raise ``ConfigError``

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from conftest import AgentRig
 from netlab import Lab
+from readable_install import ReadableInstall, make_readable_install
 
 from agent.devlab import REPO_ROOT
 from agent.rpc.client import Entry
@@ -37,6 +38,14 @@ OK, NOT_ADMITTED, PROBLEMS, REFUSED, UNREACHABLE = 0, 1, 2, 3, 4
 
 
 @pytest.fixture(scope="module")
+def readable() -> Iterator[ReadableInstall]:
+    """The CLI as ``nobody`` can import it wherever the checkout is (under /root too)."""
+    install = make_readable_install()
+    yield install
+    install.remove()
+
+
+@pytest.fixture(scope="module")
 def socket_dir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="vf-local-", dir="/tmp"))
     d.chmod(0o755)
@@ -46,8 +55,13 @@ def socket_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def rig(
-    module_lab: Lab, tmp_path_factory: pytest.TempPathFactory, socket_dir: Path
+    module_lab: Lab,
+    tmp_path_factory: pytest.TempPathFactory,
+    socket_dir: Path,
+    readable: ReadableInstall,
 ) -> Iterator[AgentRig]:
+    global _readable  # noqa: PLW0603  # cli() is called from many tests; one copy per module
+    _readable = readable
     extra = "\n".join(
         [
             "[local]",
@@ -66,20 +80,22 @@ def rig(
         yield started
 
 
+_readable: ReadableInstall | None = None
+
+
 def cli(
     rig: AgentRig, *args: str, user: Sequence[str] = (), socket: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     sock = socket or Path(_socket(rig))
-    argv = ["ip", "netns", "exec", rig.agent.netns, *user, sys.executable, "-m", "agent"]
+    python, cwd = sys.executable, REPO_ROOT
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    if user:  # another user may not read the checkout (under /root): the readable copy
+        assert _readable is not None
+        python, cwd, env = _readable.python, Path("/"), _readable.env()
+    argv = ["ip", "netns", "exec", rig.agent.netns, *user, python, "-m", "agent"]
     argv += [*args, "--socket", str(sock), "--config", str(rig.agent.config_path)]
     return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"},
+        argv, capture_output=True, text=True, timeout=180, check=False, cwd=cwd, env=env
     )
 
 
