@@ -233,7 +233,8 @@ class Daemon:
         )
         self.server = AgentServer(cfg, self.service, interceptors=[self.metrics.interceptor])
         self.server.start()
-        self.local = serve_local(self)  # the on-host socket for the CLI (agent.local)
+        # the on-host socket for the CLI (agent.local), counted like the gRPC API
+        self.local = serve_local(self, observe=self.metrics.requests.record_local)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)

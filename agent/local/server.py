@@ -85,6 +85,7 @@ class _Handler(socketserver.StreamRequestHandler):
             authorize(peer, gate.gid())
         except AgentError as exc:
             log.warning("local socket: refused pid %d uid %d: %s", peer.pid, peer.uid, exc.reason)
+            gate.observe("unknown", exc)  # the request of a refused peer is never parsed
             with contextlib.suppress(OSError):
                 # Read the request first: closing with unread data would reset the connection
                 # before the refusal could be read.
@@ -96,33 +97,54 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._send(self._answer(line, peer, gate))
 
     def _answer(self, line: bytes, peer: Peer, gate: _Gate) -> bytes:
+        op = "unknown"
         try:
             if len(line) > MAX_REQUEST_BYTES:
                 raise InvalidArgument("request_too_large", f"at most {MAX_REQUEST_BYTES} bytes")
             request = decode_request(line)
+            op = request.op
             if request.op in CHANGING_OPS:
                 gate.take(peer.uid)
-            return encode_result(gate.service.handle(request, peer))
+            answer = encode_result(gate.service.handle(request, peer))
+            gate.observe(op, None)
+            return answer
         except AgentError as exc:
+            gate.observe(op, exc)
             return encode_error(exc)
         except Exception as exc:  # a bug must not kill the listener; answer and log it
             log.exception("local request failed")
-            return encode_error(Unavailable("internal_error", type(exc).__name__))
+            failure = Unavailable("internal_error", type(exc).__name__)
+            gate.observe(op, failure)
+            return encode_error(failure)
 
     def _send(self, data: bytes) -> None:
         self.wfile.write(data)
         self.wfile.flush()
 
 
+# Told each answer's operation (``unknown`` when the request named none) and its error (None
+# for a result) before the answer is sent: the metrics' ``local_requests``. Must not raise.
+LocalObserver = Callable[[str, AgentError | None], None]
+
+
+def _unobserved(op: str, error: AgentError | None) -> None:
+    pass
+
+
 class _Gate:
     """The local policy as configured now: read on every connection, so a reload applies."""
 
     def __init__(
-        self, service: LocalService, config: Callable[[], LocalConfig], clock: Callable[[], float]
+        self,
+        service: LocalService,
+        config: Callable[[], LocalConfig],
+        clock: Callable[[], float],
+        observe: LocalObserver = _unobserved,
     ) -> None:
         self.service = service
         self.config = config
         self.clock = clock
+        self.observe = observe
         self._lock = threading.Lock()
         self._limiter = RateLimiter(1, 1)
         self._limits = (0, 0)
@@ -186,9 +208,10 @@ class LocalServer:
         service: LocalService,
         *,
         clock: Callable[[], float] = time.monotonic,
+        observe: LocalObserver = _unobserved,
     ) -> None:
         self.path = config().socket
-        self._gate = _Gate(service, config, clock)
+        self._gate = _Gate(service, config, clock, observe)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._inode: tuple[int, int] | None = None
@@ -244,7 +267,7 @@ class DaemonParts(Protocol):
     def shadowing(self) -> tuple[Shadow, ...]: ...
 
 
-def serve_local(daemon: DaemonParts) -> LocalServer:
+def serve_local(daemon: DaemonParts, *, observe: LocalObserver = _unobserved) -> LocalServer:
     """Start the local socket of a running daemon (unless disabled); ``stop()`` it at shutdown.
 
     A socket that cannot be served (path taken by a live daemon, unwritable directory) is logged
@@ -252,6 +275,7 @@ def serve_local(daemon: DaemonParts) -> LocalServer:
 
     Configuration is read from ``daemon.cfg`` on every connection, so a reload that replaces it
     changes the group, TTL cap and rate limit at once; the socket path needs a restart.
+    ``observe`` is told every answer (the metrics count local requests like remote ones).
     """
     service = LocalService(
         daemon.engine,
@@ -261,7 +285,7 @@ def serve_local(daemon: DaemonParts) -> LocalServer:
         health=daemon.health,
         shadowing=lambda: daemon.shadowing,
     )
-    server = LocalServer(lambda: daemon.cfg.local, service)
+    server = LocalServer(lambda: daemon.cfg.local, service, observe=observe)
     if daemon.cfg.local.enabled:
         try:
             server.start()

@@ -70,6 +70,11 @@ HEALTHY = {
     f'{P}auth_failures_total{{reason="bad_signature"}}': "0x120",
     f"{P}kernel_transaction_failures_total": "0x120",
     f"{P}flow_cut_failures_total": "0x120",
+    f'{P}build_info{{version="0.1.0",python="3.11.2",nft="1.0.6"}}': "1x120",
+    "process_resident_memory_bytes": f"{200 * 2**20}x120",
+    f"{P}memory_limit_bytes": f"{768 * 2**20}x120",
+    "process_open_fds": "40x120",
+    "process_max_fds": "65536x120",
 }
 
 
@@ -148,6 +153,36 @@ CASES = [
         "element conflicts were retried",
         {f'{P}kernel_transaction_failures_total{{reason="element_conflict"}}': "0 0 0 1 2 3x120"},
         "5m",
+        [],
+    ),
+    Case(
+        "memory peaked near the limit",
+        {"process_resident_memory_bytes": f"{200 * 2**20}x10 {700 * 2**20} {200 * 2**20}x100"},
+        "15m",
+        ["VicifastAgentMemoryNearLimit"],
+    ),
+    Case(
+        "memory near the limit without one (unlimited cgroup)",
+        {
+            "process_resident_memory_bytes": f"{700 * 2**20}x120",
+            f"{P}memory_limit_bytes": "_x120",
+        },
+        "15m",
+        [],
+    ),
+    Case(
+        "descriptors near the limit",
+        {"process_open_fds": "60000x120"},
+        "11m",
+        ["VicifastAgentFileDescriptorsNearLimit"],
+    ),
+    Case(
+        "another job's process near its descriptor limit",
+        {
+            "process_open_fds": "60000x120",
+            f'{P}build_info{{version="0.1.0",python="3.11.2",nft="1.0.6"}}': "_x120",
+        },
+        "11m",
         [],
     ),
     Case(
