@@ -241,27 +241,45 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number.
+_V1_UNLIMITED = 1 << 62
+
+
+def _hierarchy(lines: list[str]) -> tuple[str, str, str] | None:
+    """(directory under the cgroup root, limit file, own path): the unified hierarchy (v2) if
+    it has a memory controller, else v1's memory hierarchy."""
+    for line in lines:
+        ident, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "memory" in controllers.split(","):
+            return "memory", "memory.limit_in_bytes", path
+    unified = next((line[3:] for line in lines if line.startswith("0::")), None)
+    return None if unified is None else ("", "memory.max", unified)
+
+
 def cgroup_memory_limit(
     proc_cgroup: Path = PROC_SELF_CGROUP, root: Path = CGROUP_ROOT
 ) -> int | None:
-    """The memory limit the kernel enforces on this process: the tightest cgroup v2
-    ``memory.max`` of its cgroup (the unit's ``MemoryMax=``) and every parent (a slice's), or
-    None when there is none or it cannot be read (cgroup v1, no cgroup file system)."""
+    """The memory limit the kernel enforces on this process: the tightest of its cgroup's (the
+    unit's ``MemoryMax=``) and every parent's (a slice's), or None when there is none or it
+    cannot be read. cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``, hybrid and
+    older hosts, some LXC containers) alike."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
-    own = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if own is None:  # cgroup v1 only: no unified hierarchy to read
+    found = _hierarchy(lines)
+    if found is None:
         return None
+    directory, limit_file, own = found
     limits = []
     cgroup = PurePosixPath(own)
     for level in (cgroup, *cgroup.parents):
         try:
-            text = (root / str(level).lstrip("/") / "memory.max").read_text().strip()
+            text = (root / directory / str(level).lstrip("/") / limit_file).read_text().strip()
         except OSError:  # the root cgroup has none; a container may hide its parents
             continue
-        if text.isdigit():  # "max": no limit at this level
+        if text.isdigit() and int(text) < _V1_UNLIMITED:  # v2 says "max" for no limit
             limits.append(int(text))
     return min(limits) if limits else None
 

@@ -318,10 +318,10 @@ def test_the_scrape_carries_the_memory_limit_of_this_process(
     assert samples == ({} if limit is None else {(): limit})
 
 
-def cgroup_tree(root: Path, limits: Mapping[str, str]) -> None:
+def cgroup_tree(root: Path, limits: Mapping[str, str], file: str = "memory.max") -> None:
     for path, value in limits.items():
         (root / path).mkdir(parents=True, exist_ok=True)
-        (root / path / "memory.max").write_text(value + "\n")
+        (root / path / file).write_text(value + "\n")
 
 
 @pytest.mark.parametrize(
@@ -353,11 +353,26 @@ def test_the_memory_limit_is_the_tightest_of_the_cgroup_and_its_parents(
     assert cgroup_memory_limit(own, fs) == expected
 
 
-def test_no_memory_limit_under_cgroup_v1_or_without_proc(tmp_path: Path) -> None:
-    v1 = tmp_path / "self-cgroup"
-    v1.write_text("12:memory:/system.slice/vicifast-agent.service\n")
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [(str(768 * 2**20), 768 * 2**20), ("9223372036854771712", None)],
+    ids=["unit-cap", "unlimited"],
+)
+def test_the_memory_limit_under_cgroup_v1(tmp_path: Path, limit: str, expected: int | None) -> None:
+    # A hybrid host: the memory controller on v1, the unified hierarchy holding no controller.
+    service = "system.slice/vicifast-agent.service"
+    cgroup_tree(tmp_path / "memory", {service: limit}, "memory.limit_in_bytes")
+    own = tmp_path / "self-cgroup"
+    own.write_text(
+        "4:memory:/system.slice/vicifast-agent.service\n"
+        "1:name=systemd:/system.slice/vicifast-agent.service\n"
+        "0::/system.slice/vicifast-agent.service\n"
+    )
 
-    assert cgroup_memory_limit(v1, tmp_path) is None
+    assert cgroup_memory_limit(own, tmp_path) == expected
+
+
+def test_no_memory_limit_without_proc(tmp_path: Path) -> None:
     assert cgroup_memory_limit(tmp_path / "absent", tmp_path) is None
 
 
