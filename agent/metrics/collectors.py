@@ -249,7 +249,7 @@ def _hierarchy(lines: list[str]) -> tuple[str, str, str] | None:
     """(directory under the cgroup root, limit file, own path): the unified hierarchy (v2) if
     it has a memory controller, else v1's memory hierarchy."""
     for line in lines:
-        ident, _, rest = line.partition(":")
+        _, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if "memory" in controllers.split(","):
             return "memory", "memory.limit_in_bytes", path
