@@ -11,9 +11,11 @@ Owns two evaluations, both over data the daemon read from the kernel (no I/O her
 
 The chain evaluation is deliberately partial and says so: it understands the matches such
 tables use for a new inbound packet (l4proto, ports, source address, ``iif lo``, ct state and
-direction, nfproto) and follows jumps and gotos; any other expression (named sets, vmaps,
-``xt`` matches of iptables-nft, limits) counts as "may match", so the answer is ``MAY_DROP``
-rather than a guess. The packet is judged as the first packet of a new connection.
+direction, nfproto), looks values up in the table's named sets (fail2ban's banned addresses,
+firewalld's and ufw's address and port sets: their elements, prefixes, ranges and timeouts, as
+read from the kernel) and follows jumps and gotos; any other expression (a set that was not
+read, vmaps, ``xt`` matches of iptables-nft, limits) counts as "may match", so the answer is
+``MAY_DROP`` rather than a guess. The packet is judged as the first packet of a new connection.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,11 +230,52 @@ class ChainFinding:
 
 
 @dataclass(frozen=True, slots=True)
+class SetElement:
+    """One element of a named set: its value as libnftables writes it (an address, a port, a
+    ``prefix`` or a ``range``), and when it times out (Unix seconds; None: never)."""
+
+    value: Any
+    expires_at_s: float | None = None
+
+    def live(self, now_s: float) -> bool:
+        return self.expires_at_s is None or now_s < self.expires_at_s
+
+
+@dataclass(frozen=True, slots=True)
+class NamedSet:
+    """A named set of another table, as the kernel listed it (expired elements are not listed;
+    one that times out before the evaluation's ``now`` no longer matches either)."""
+
+    ref: ChainRef  # family, table and the set's name
+    elements: tuple[SetElement, ...] = ()
+
+
+def named_set(item: Mapping[str, Any], read_at_s: float) -> NamedSet:
+    """A ``list set`` answer's set, each element's ``expires`` made a time. libnftables gives
+    the time left in whole seconds, rounded down, and lists only live elements, so one listed
+    with ``expires`` 0 still lives: an element counts until a second past its rounded end."""
+    s = item.get("set", item)
+    elements = []
+    for raw in s.get("elem", ()):
+        if isinstance(raw, dict) and isinstance(raw.get("elem"), dict):
+            inner = raw["elem"]
+            expires = inner.get("expires")
+            at = read_at_s + expires + 1 if isinstance(expires, int | float) else None
+            elements.append(SetElement(inner.get("val"), at))
+        else:
+            elements.append(SetElement(raw))
+    return NamedSet(ChainRef(str(s["family"]), str(s["table"]), str(s["name"])), tuple(elements))
+
+
+@dataclass(frozen=True, slots=True)
 class RulesetView:
-    """Other tables' input base chains and the rules of every chain the reader fetched."""
+    """Other tables' input base chains, the rules of every chain the reader fetched, and the
+    named sets those rules look up; ``read_at_s`` is when (Unix seconds)."""
 
     base_chains: tuple[BaseChain, ...] = ()
     rules: Mapping[ChainRef, tuple[tuple[int, tuple[Any, ...]], ...]] = field(default_factory=dict)
+    sets: Mapping[ChainRef, NamedSet] = field(default_factory=dict)
+    read_at_s: float = 0.0
 
 
 def input_base_chains(chains: Iterable[Mapping[str, Any]], own_table: str) -> list[BaseChain]:
@@ -265,6 +308,18 @@ def rules_by_chain(
     return {k: tuple(v) for k, v in out.items()}
 
 
+def set_references(rules: Iterable[tuple[int, tuple[Any, ...]]]) -> set[str]:
+    """Names of the named sets the given rules' matches look values up in (``@name``)."""
+    names = set()
+    for _, exprs in rules:
+        for e in exprs:
+            if isinstance(e, dict) and isinstance(e.get("match"), dict):
+                right = e["match"].get("right")
+                if isinstance(right, str) and right.startswith("@"):
+                    names.add(right[1:])
+    return names
+
+
 def jump_targets(rules: Iterable[tuple[int, tuple[Any, ...]]]) -> set[str]:
     """Names of the chains the given rules jump or go to."""
     names = set()
@@ -295,6 +350,8 @@ def _in_range(bounds: Sequence[Any], value: Any, compare: Any) -> Tri:
     lo, hi = (compare(b) for b in bounds)
     if lo is None or hi is None or value is None:
         return None
+    if not type(lo) is type(hi) is type(value):
+        return False  # an IPv4 range never holds an IPv6 address
     return bool(lo <= value <= hi)
 
 
@@ -308,22 +365,54 @@ def _in_prefix(prefix: Mapping[str, Any], value: Any) -> Tri:
     return net.version == value.version and value in net
 
 
-def _scalar_matches(right: Any, value: Any, compare: Any) -> Tri:
+# Looks a named set of the rule's table up by name; None when it was not read.
+SetLookup = Callable[[str], NamedSet | None]
+
+
+def _no_sets(name: str) -> NamedSet | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """What a rule's matches are judged against: the packet, the sets of the rule's table."""
+
+    packet: Packet
+    lookup: SetLookup = _no_sets
+    now_s: float = 0.0
+
+
+def _scalar_matches(right: Any, value: Any, compare: Any, scope: _Scope) -> Tri:
     """Does ``value`` equal (or lie in) the rule's right-hand side?"""
     if isinstance(right, list):
         right = {"set": right}
     if isinstance(right, dict):
-        if "set" in right:
-            return _any(_scalar_matches(r, value, compare) for r in right["set"])
-        if "range" in right:
-            return _in_range(right["range"], value, compare)
-        if "prefix" in right:
-            return _in_prefix(right["prefix"], value)
-        return None
-    expected = None if isinstance(right, str) and right.startswith("@") else compare(right)
+        return _in_structure(right, value, compare, scope)
+    if isinstance(right, str) and right.startswith("@"):
+        return _in_named_set(right[1:], value, compare, scope)
+    expected = compare(right)
     if expected is None or value is None:
-        return None  # a named set (its contents were not read), or an unknown source
+        return None  # an unknown source, or a value of a kind not understood
     return bool(expected == value)
+
+
+def _in_structure(right: Mapping[str, Any], value: Any, compare: Any, scope: _Scope) -> Tri:
+    """An anonymous set, a range or a prefix."""
+    if "set" in right:
+        return _any(_scalar_matches(r, value, compare, scope) for r in right["set"])
+    if "range" in right:
+        return _in_range(right["range"], value, compare)
+    if "prefix" in right:
+        return _in_prefix(right["prefix"], value)
+    return None
+
+
+def _in_named_set(name: str, value: Any, compare: Any, scope: _Scope) -> Tri:
+    named = scope.lookup(name)
+    if named is None or value is None:
+        return None  # a set that was not read, or an unknown source
+    live = [e.value for e in named.elements if e.live(scope.now_s)]
+    return _any(_scalar_matches(v, value, compare, scope) for v in live)
 
 
 def _port(v: Any) -> int | None:
@@ -355,45 +444,47 @@ def _header_absent(payload: Mapping[str, Any], packet: Packet) -> bool:
     return proto in ("ip", "ip6") and (proto == "ip") != (packet.family == 4)
 
 
-def _payload_match(payload: Mapping[str, Any], right: Any, packet: Packet) -> Tri:
+def _payload_match(payload: Mapping[str, Any], right: Any, scope: _Scope) -> Tri:
     proto, fld = payload.get("protocol"), payload.get("field")
+    packet = scope.packet
     if proto in ("tcp", "udp", "th") and fld == "dport":
-        return _scalar_matches(right, packet.port, _port)
+        return _scalar_matches(right, packet.port, _port, scope)
     if proto in ("ip", "ip6") and fld == "saddr":
-        return _scalar_matches(right, packet.source, _addr)
+        return _scalar_matches(right, packet.source, _addr, scope)
     return None
 
 
-def _meta_match(key: Any, right: Any, packet: Packet) -> Tri:
+def _meta_match(key: Any, right: Any, scope: _Scope) -> Tri:
+    packet = scope.packet
     if key == "l4proto":
-        return _scalar_matches(right, _L4[packet.protocol], _l4)
+        return _scalar_matches(right, _L4[packet.protocol], _l4, scope)
     if key == "nfproto":
-        return _scalar_matches(right, f"ipv{packet.family}", _word)
+        return _scalar_matches(right, f"ipv{packet.family}", _word, scope)
     # A remote's packet does not arrive on lo; any other interface name is unknown.
-    if key in ("iifname", "iif") and _scalar_matches(right, "lo", _word) is True:
+    if key in ("iifname", "iif") and _scalar_matches(right, "lo", _word, scope) is True:
         return False
     return None
 
 
-def _ct_match(key: Any, right: Any) -> Tri:
+def _ct_match(key: Any, right: Any, scope: _Scope) -> Tri:
     if key == "state":
-        return _scalar_matches(right, "new", _word)
+        return _scalar_matches(right, "new", _word, scope)
     if key == "direction":
-        return _scalar_matches(right, "original", _word)
+        return _scalar_matches(right, "original", _word, scope)
     return None
 
 
-def _match(m: Mapping[str, Any], packet: Packet) -> Tri:
+def _match(m: Mapping[str, Any], scope: _Scope) -> Tri:
     left, right, op = m.get("left"), m.get("right"), m.get("op", "==")
     result: Tri = None
     if isinstance(left, dict) and "payload" in left:
-        if _header_absent(left["payload"], packet):
+        if _header_absent(left["payload"], scope.packet):
             return False
-        result = _payload_match(left["payload"], right, packet)
+        result = _payload_match(left["payload"], right, scope)
     elif isinstance(left, dict) and "meta" in left:
-        result = _meta_match(left["meta"].get("key"), right, packet)
+        result = _meta_match(left["meta"].get("key"), right, scope)
     elif isinstance(left, dict) and "ct" in left:
-        result = _ct_match(left["ct"].get("key"), right)
+        result = _ct_match(left["ct"].get("key"), right, scope)
     if result is None or op not in ("==", "!=", "in"):
         return None
     return (not result) if op == "!=" else result
@@ -407,7 +498,7 @@ class _Walk:
     maybe_accepted: bool = False
 
 
-def _rule_verdict(exprs: Sequence[Any], packet: Packet) -> tuple[Tri, Any]:
+def _rule_verdict(exprs: Sequence[Any], scope: _Scope) -> tuple[Tri, Any]:
     """(do the rule's matches hold, its terminal statement or None)."""
     holds: Tri = True
     for e in exprs:
@@ -415,7 +506,7 @@ def _rule_verdict(exprs: Sequence[Any], packet: Packet) -> tuple[Tri, Any]:
             return None, None
         kind = next(iter(e))
         if kind == "match":
-            m = _match(e["match"], packet)
+            m = _match(e["match"], scope)
             if m is False:
                 return False, None
             if m is None:
@@ -427,21 +518,26 @@ def _rule_verdict(exprs: Sequence[Any], packet: Packet) -> tuple[Tri, Any]:
     return holds, None
 
 
-def _walk(view: RulesetView, ref: ChainRef, packet: Packet, depth: int) -> _Walk:
+def _walk(view: RulesetView, ref: ChainRef, packet: Packet, now_s: float, depth: int) -> _Walk:
     walk = _Walk()
     rules = view.rules.get(ref)
     if rules is None or depth > _MAX_DEPTH:
         walk.doubts.append(f"chain {ref.name} was not read")
         walk.maybe_accepted = True
         return walk
+
+    def lookup(name: str) -> NamedSet | None:  # sets are per table, like chains
+        return view.sets.get(ChainRef(ref.family, ref.table, name))
+
+    scope = _Scope(packet, lookup, now_s)
     for handle, exprs in rules:
-        holds, stmt = _rule_verdict(exprs, packet)
+        holds, stmt = _rule_verdict(exprs, scope)
         if holds is False or stmt is None:
             continue
         verb = next(iter(stmt))
         if verb in ("jump", "goto"):
             target = ChainRef(ref.family, ref.table, stmt[verb]["target"])
-            if _follow(walk, _walk(view, target, packet, depth + 1), holds, verb):
+            if _follow(walk, _walk(view, target, packet, now_s, depth + 1), holds, verb):
                 return walk
         elif verb == "return":
             if holds is True:
@@ -484,9 +580,13 @@ def _verdict(walk: _Walk, verb: str, holds: Tri, where: str) -> bool:
     return True
 
 
-def evaluate_chain(view: RulesetView, chain: BaseChain, packet: Packet) -> ChainFinding:
-    """What ``chain`` does with ``packet``: accepts, drops, or may drop (and why)."""
-    walk = _walk(view, chain.ref, packet, 0)
+def evaluate_chain(
+    view: RulesetView, chain: BaseChain, packet: Packet, *, now_s: float | None = None
+) -> ChainFinding:
+    """What ``chain`` does with ``packet``: accepts, drops, or may drop (and why). Set elements
+    count while they live at ``now_s`` (default: when the view was read)."""
+    now = view.read_at_s if now_s is None else now_s
+    walk = _walk(view, chain.ref, packet, now, 0)
     if walk.verdict == "fallthrough":
         walk.verdict = "drop" if chain.policy == "drop" else "accept"
         walk.reason = f"no rule decides, so the chain's policy {chain.policy} applies"
