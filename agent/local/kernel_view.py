@@ -16,8 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.errors import KernelError
-from agent.rules.nft import NftAdapter
-from agent.why import (
+from agent.rules.foreign import (
     ChainRef,
     NamedSet,
     RulesetView,
@@ -27,6 +26,7 @@ from agent.why import (
     rules_by_chain,
     set_references,
 )
+from agent.rules.nft import NftAdapter
 
 MAX_CHAINS_READ = 64
 MAX_SETS_READ = 64

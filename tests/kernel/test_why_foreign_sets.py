@@ -10,6 +10,7 @@ from netlab import wait_until
 from tablekit import Rig
 
 from agent.local.kernel_view import read_other_input_chains
+from agent.rules.shadowing import read_shadowing
 from agent.why import ChainOutcome, other_chains_verdicts, parse_packet
 
 # fail2ban's nftables action: its own table, one set per jail (IPv4 and IPv6), banned addresses
@@ -139,3 +140,17 @@ def test_a_set_that_cannot_be_read_is_a_doubt_not_a_guess(neighbours: Rig) -> No
         for f in other_chains_verdicts(blind, parse_packet("198.18.9.2", "5060/udp"))
     }
     assert found[CHAINS["f2b"]] is ChainOutcome.MAY_DROP
+
+
+def test_shadowing_asks_the_same_evaluator_and_names_only_the_zone(neighbours: Rig) -> None:
+    # fail2ban and the block list drop chosen sources only; the zone rejects every source it
+    # does not trust, so it shadows the agent's allow entries (on both SIP ports).
+    fw = neighbours.cfg.firewall
+    found = read_shadowing(
+        neighbours.table.nft,
+        own_table=fw.table,
+        own_priority=fw.chain_priority,
+        protected=[port for p in fw.profiles for port in p.ports],
+    )
+
+    assert [(s.table, s.why) for s in found] == [("zones", "rule drops")]
