@@ -317,8 +317,8 @@ class Daemon:
         self.metrics.transport.count_open(self.server.open_connections)
         self.server.start()
         self.server.supervise(self.supervision)
-        # The on-host socket for the CLI (agent.local).
-        self.local = serve_local(self, self.supervision)
+        # The on-host socket for the CLI (agent.local), counted like the gRPC API.
+        self.local = serve_local(self, self.supervision, observe=self.metrics.requests.record_local)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)

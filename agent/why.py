@@ -1,19 +1,17 @@
 """Pure: would a packet from ADDRESS to PORT/PROTO be admitted? Our table, then everyone else's.
 
-Owns two evaluations, both over data the daemon read from the kernel (no I/O here):
+Owns the answer of ``vicifast-agent why``, over data the daemon read from the kernel (no I/O
+here):
 
 - ``agent_verdict``: what the agent's own table does with the packet (RULESET.md): an unprotected
   port is not touched; a protected one passes from a dynamic entry, a static source, or not at
   all; the agent's guarded ports (gRPC, metrics) pass from their configured sources only.
-- ``evaluate_chain``: what another table's base chain on the input hook (firewalld, ufw,
-  iptables-nft, Debian's nftables.conf) does with it, from its libnftables JSON rules. An accept
-  in one base chain never overrides a drop in another, so any chain that drops is reported.
+- ``other_chains_verdicts``: what every other table's base chain on the input hook does with it,
+  by the one evaluator of foreign chains (``agent.rules.foreign``, which shadowing uses too). An
+  accept in one base chain never overrides a drop in another, so any chain that drops is
+  reported.
 
-The chain evaluation is deliberately partial and says so: it understands the matches such
-tables use for a new inbound packet (l4proto, ports, source address, ``iif lo``, ct state and
-direction, nfproto) and follows jumps and gotos; any other expression (named sets, vmaps,
-``xt`` matches of iptables-nft, limits) counts as "may match", so the answer is ``MAY_DROP``
-rather than a guess. The packet is judged as the first packet of a new connection.
+The packet is judged as the first packet of a new connection.
 """
 
 from __future__ import annotations
@@ -21,41 +19,56 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from agent.config import FirewallConfig, GuardedPort, IPNetwork, Profile
 from agent.errors import InvalidArgument
 from agent.model import Address
+from agent.rules.foreign import (
+    BaseChain,
+    ChainFinding,
+    ChainOutcome,
+    ChainRef,
+    IPAddress,
+    NamedSet,
+    Packet,
+    RulesetView,
+    SetElement,
+    applies_to,
+    evaluate_chain,
+    input_base_chains,
+    jump_targets,
+    named_set,
+    rules_by_chain,
+    set_references,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = [
+    "Admission",
+    "AgentVerdict",
+    "BaseChain",
+    "ChainFinding",
+    "ChainOutcome",
+    "ChainRef",
+    "NamedSet",
+    "Packet",
+    "RulesetView",
+    "SetElement",
+    "agent_verdict",
+    "entry_address",
+    "evaluate_chain",
+    "input_base_chains",
+    "jump_targets",
+    "named_set",
+    "other_chains_verdicts",
+    "parse_packet",
+    "protected_by",
+    "rules_by_chain",
+    "set_references",
+]
+
 _PORT_PROTO = re.compile(r"(?P<port>[0-9]{1,5})/(?P<proto>tcp|udp)")
-_MAX_DEPTH = 16
-_L4 = {"tcp": 6, "udp": 17}
-_TERMINAL_STATEMENTS = frozenset({"accept", "drop", "reject", "jump", "goto", "return", "queue"})
-# Statements that neither match nor end the rule.
-_SIDE_EFFECTS = frozenset({"counter", "log", "mangle", "notrack", "ct count", "set", "meter"})
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """A new inbound packet; ``source`` None means "some remote address" (doctor's probes)."""
-
-    family: int
-    port: int
-    protocol: str
-    source: IPAddress | None = None
-
-    def __post_init__(self) -> None:
-        if self.family not in (4, 6) or self.protocol not in _L4 or not 1 <= self.port <= 65535:
-            raise ValueError(f"bad packet {self}")
-        if self.source is not None and self.source.version != self.family:
-            raise ValueError("source family differs from the packet's family")
-
-    def __str__(self) -> str:
-        src = str(self.source) if self.source else f"any IPv{self.family} source"
-        return f"{self.protocol}/{self.port} from {src}"
 
 
 def parse_packet(address: str, port_proto: str) -> Packet:
@@ -191,314 +204,6 @@ def _profile_verdict(
         "has no allow entry and is no static source: the agent's table drops it",
         prof.name,
     )
-
-
-# --- other tables' base chains ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class ChainRef:
-    family: str
-    table: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.family} {self.table} {self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class BaseChain:
-    ref: ChainRef
-    hook: str
-    priority: int
-    policy: str
-
-
-class ChainOutcome(enum.Enum):
-    ACCEPTS = "accepts"
-    DROPS = "drops"
-    MAY_DROP = "may_drop"
-
-
-@dataclass(frozen=True, slots=True)
-class ChainFinding:
-    chain: BaseChain
-    outcome: ChainOutcome
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class RulesetView:
-    """Other tables' input base chains and the rules of every chain the reader fetched."""
-
-    base_chains: tuple[BaseChain, ...] = ()
-    rules: Mapping[ChainRef, tuple[tuple[int, tuple[Any, ...]], ...]] = field(default_factory=dict)
-
-
-def input_base_chains(chains: Iterable[Mapping[str, Any]], own_table: str) -> list[BaseChain]:
-    """Base chains on the input hook from a ``list chains`` answer, ours excluded."""
-    out = []
-    for item in chains:
-        c = item.get("chain", item)
-        if c.get("hook") != "input" or c.get("family") not in ("ip", "ip6", "inet"):
-            continue
-        if c.get("family") == "inet" and c.get("table") == own_table:
-            continue
-        ref = ChainRef(str(c["family"]), str(c["table"]), str(c["name"]))
-        out.append(BaseChain(ref, "input", int(c.get("prio", 0)), str(c.get("policy", "accept"))))
-    return sorted(out, key=lambda b: (b.priority, b.ref))
-
-
-def rules_by_chain(
-    items: Iterable[Mapping[str, Any]],
-) -> dict[ChainRef, tuple[tuple[int, tuple[Any, ...]], ...]]:
-    """Group a ``list chain`` answer's rules as (handle, expressions) per chain, in order."""
-    out: dict[ChainRef, list[tuple[int, tuple[Any, ...]]]] = {}
-    for item in items:
-        if "chain" in item:
-            c = item["chain"]
-            out.setdefault(ChainRef(c["family"], c["table"], c["name"]), [])
-        r = item.get("rule")
-        if r:
-            ref = ChainRef(r["family"], r["table"], r["chain"])
-            out.setdefault(ref, []).append((int(r.get("handle", 0)), tuple(r.get("expr", ()))))
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def jump_targets(rules: Iterable[tuple[int, tuple[Any, ...]]]) -> set[str]:
-    """Names of the chains the given rules jump or go to."""
-    names = set()
-    for _, exprs in rules:
-        for e in exprs:
-            for verb in ("jump", "goto"):
-                if isinstance(e, dict) and isinstance(e.get(verb), dict):
-                    names.add(str(e[verb]["target"]))
-    return names
-
-
-def applies_to(chain: BaseChain, family: int) -> bool:
-    return chain.ref.family in ("inet", "ip" if family == 4 else "ip6")
-
-
-# Tri-state matching: True (matches), False (cannot match), None (cannot tell).
-Tri = bool | None
-
-
-def _any(results: Iterable[Tri]) -> Tri:
-    seen = list(results)
-    if any(r is True for r in seen):
-        return True
-    return None if any(r is None for r in seen) else False
-
-
-def _in_range(bounds: Sequence[Any], value: Any, compare: Any) -> Tri:
-    lo, hi = (compare(b) for b in bounds)
-    if lo is None or hi is None or value is None:
-        return None
-    return bool(lo <= value <= hi)
-
-
-def _in_prefix(prefix: Mapping[str, Any], value: Any) -> Tri:
-    try:
-        net = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}", strict=False)
-    except (ValueError, KeyError):
-        return None
-    if not isinstance(value, IPAddress):
-        return None
-    return net.version == value.version and value in net
-
-
-def _scalar_matches(right: Any, value: Any, compare: Any) -> Tri:
-    """Does ``value`` equal (or lie in) the rule's right-hand side?"""
-    if isinstance(right, list):
-        right = {"set": right}
-    if isinstance(right, dict):
-        if "set" in right:
-            return _any(_scalar_matches(r, value, compare) for r in right["set"])
-        if "range" in right:
-            return _in_range(right["range"], value, compare)
-        if "prefix" in right:
-            return _in_prefix(right["prefix"], value)
-        return None
-    expected = None if isinstance(right, str) and right.startswith("@") else compare(right)
-    if expected is None or value is None:
-        return None  # a named set (its contents were not read), or an unknown source
-    return bool(expected == value)
-
-
-def _port(v: Any) -> int | None:
-    return v if isinstance(v, int) else (int(v) if isinstance(v, str) and v.isdigit() else None)
-
-
-def _addr(v: Any) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(v) if isinstance(v, str) else None
-    except ValueError:
-        return None
-
-
-def _l4(v: Any) -> int | None:
-    if isinstance(v, int):
-        return v
-    return _L4.get(v) if isinstance(v, str) else None
-
-
-def _word(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
-
-
-def _header_absent(payload: Mapping[str, Any], packet: Packet) -> bool:
-    """``tcp dport != 22`` still means "is TCP": a header the packet lacks never matches."""
-    proto = str(payload.get("protocol"))
-    if proto in ("tcp", "udp"):
-        return proto != packet.protocol
-    return proto in ("ip", "ip6") and (proto == "ip") != (packet.family == 4)
-
-
-def _payload_match(payload: Mapping[str, Any], right: Any, packet: Packet) -> Tri:
-    proto, fld = payload.get("protocol"), payload.get("field")
-    if proto in ("tcp", "udp", "th") and fld == "dport":
-        return _scalar_matches(right, packet.port, _port)
-    if proto in ("ip", "ip6") and fld == "saddr":
-        return _scalar_matches(right, packet.source, _addr)
-    return None
-
-
-def _meta_match(key: Any, right: Any, packet: Packet) -> Tri:
-    if key == "l4proto":
-        return _scalar_matches(right, _L4[packet.protocol], _l4)
-    if key == "nfproto":
-        return _scalar_matches(right, f"ipv{packet.family}", _word)
-    # A remote's packet does not arrive on lo; any other interface name is unknown.
-    if key in ("iifname", "iif") and _scalar_matches(right, "lo", _word) is True:
-        return False
-    return None
-
-
-def _ct_match(key: Any, right: Any) -> Tri:
-    if key == "state":
-        return _scalar_matches(right, "new", _word)
-    if key == "direction":
-        return _scalar_matches(right, "original", _word)
-    return None
-
-
-def _match(m: Mapping[str, Any], packet: Packet) -> Tri:
-    left, right, op = m.get("left"), m.get("right"), m.get("op", "==")
-    result: Tri = None
-    if isinstance(left, dict) and "payload" in left:
-        if _header_absent(left["payload"], packet):
-            return False
-        result = _payload_match(left["payload"], right, packet)
-    elif isinstance(left, dict) and "meta" in left:
-        result = _meta_match(left["meta"].get("key"), right, packet)
-    elif isinstance(left, dict) and "ct" in left:
-        result = _ct_match(left["ct"].get("key"), right)
-    if result is None or op not in ("==", "!=", "in"):
-        return None
-    return (not result) if op == "!=" else result
-
-
-@dataclass(slots=True)
-class _Walk:
-    verdict: str = "fallthrough"  # accept | drop | fallthrough
-    reason: str = ""
-    doubts: list[str] = field(default_factory=list)  # rules that may drop it
-    maybe_accepted: bool = False
-
-
-def _rule_verdict(exprs: Sequence[Any], packet: Packet) -> tuple[Tri, Any]:
-    """(do the rule's matches hold, its terminal statement or None)."""
-    holds: Tri = True
-    for e in exprs:
-        if not isinstance(e, dict) or not e:
-            return None, None
-        kind = next(iter(e))
-        if kind == "match":
-            m = _match(e["match"], packet)
-            if m is False:
-                return False, None
-            if m is None:
-                holds = None
-        elif kind in _TERMINAL_STATEMENTS or kind == "vmap":
-            return holds, e
-        elif kind not in _SIDE_EFFECTS:
-            holds = None  # limit, quota, xt, ...: cannot tell
-    return holds, None
-
-
-def _walk(view: RulesetView, ref: ChainRef, packet: Packet, depth: int) -> _Walk:
-    walk = _Walk()
-    rules = view.rules.get(ref)
-    if rules is None or depth > _MAX_DEPTH:
-        walk.doubts.append(f"chain {ref.name} was not read")
-        walk.maybe_accepted = True
-        return walk
-    for handle, exprs in rules:
-        holds, stmt = _rule_verdict(exprs, packet)
-        if holds is False or stmt is None:
-            continue
-        verb = next(iter(stmt))
-        if verb in ("jump", "goto"):
-            target = ChainRef(ref.family, ref.table, stmt[verb]["target"])
-            if _follow(walk, _walk(view, target, packet, depth + 1), holds, verb):
-                return walk
-        elif verb == "return":
-            if holds is True:
-                return walk
-        elif _verdict(walk, verb, holds, f"rule handle {handle} of chain {ref.name}"):
-            return walk
-    return walk
-
-
-def _follow(walk: _Walk, sub: _Walk, holds: Tri, verb: str) -> bool:
-    """Fold a jumped-to chain's walk into ``walk``; True when the packet's fate is decided."""
-    if holds is None:
-        if sub.verdict == "drop":
-            walk.doubts.append(sub.reason)
-        walk.doubts += sub.doubts
-        walk.maybe_accepted |= sub.verdict == "accept" or sub.maybe_accepted
-        return False
-    walk.doubts += sub.doubts
-    walk.maybe_accepted |= sub.maybe_accepted
-    if sub.verdict != "fallthrough":
-        walk.verdict, walk.reason = sub.verdict, sub.reason
-        return True
-    return verb == "goto"  # after a goto's chain ends, the calling chain does not resume
-
-
-def _verdict(walk: _Walk, verb: str, holds: Tri, where: str) -> bool:
-    outcome = {"accept": "accept", "drop": "drop", "reject": "drop"}.get(verb)
-    if outcome is None:  # queue, vmap: something else decides
-        walk.doubts.append(f"{where} hands the packet to {verb}")
-        walk.maybe_accepted = True
-        return False
-    if holds is None:
-        if outcome == "drop":
-            walk.doubts.append(f"{where} ({verb}) may match")
-        else:
-            walk.maybe_accepted = True
-        return False
-    walk.verdict = outcome
-    walk.reason = f"{where} {'accepts' if outcome == 'accept' else verb + 's'} it"
-    return True
-
-
-def evaluate_chain(view: RulesetView, chain: BaseChain, packet: Packet) -> ChainFinding:
-    """What ``chain`` does with ``packet``: accepts, drops, or may drop (and why)."""
-    walk = _walk(view, chain.ref, packet, 0)
-    if walk.verdict == "fallthrough":
-        walk.verdict = "drop" if chain.policy == "drop" else "accept"
-        walk.reason = f"no rule decides, so the chain's policy {chain.policy} applies"
-    if walk.verdict == "accept":
-        if walk.doubts:
-            return ChainFinding(chain, ChainOutcome.MAY_DROP, "; ".join(walk.doubts))
-        return ChainFinding(chain, ChainOutcome.ACCEPTS, walk.reason)
-    if walk.maybe_accepted:
-        return ChainFinding(
-            chain, ChainOutcome.MAY_DROP, f"{walk.reason} unless an uncertain rule accepts it"
-        )
-    return ChainFinding(chain, ChainOutcome.DROPS, walk.reason)
 
 
 def other_chains_verdicts(view: RulesetView, packet: Packet) -> list[ChainFinding]:

@@ -86,6 +86,7 @@ class _Handler(socketserver.StreamRequestHandler):
             authorize(peer, gate.gid())
         except AgentError as exc:
             log.warning("local socket: refused pid %d uid %d: %s", peer.pid, peer.uid, exc.reason)
+            gate.observe("unknown", exc)  # the request of a refused peer is never parsed
             with contextlib.suppress(OSError):
                 # Read the request first: closing with unread data would reset the connection
                 # before the refusal could be read.
@@ -97,33 +98,54 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._send(self._answer(line, peer, gate))
 
     def _answer(self, line: bytes, peer: Peer, gate: _Gate) -> bytes:
+        op = "unknown"
         try:
             if len(line) > MAX_REQUEST_BYTES:
                 raise InvalidArgument("request_too_large", f"at most {MAX_REQUEST_BYTES} bytes")
             request = decode_request(line)
+            op = request.op
             if request.op in CHANGING_OPS:
                 gate.take(peer.uid)
-            return encode_result(gate.service.handle(request, peer))
+            answer = encode_result(gate.service.handle(request, peer))
+            gate.observe(op, None)
+            return answer
         except AgentError as exc:
+            gate.observe(op, exc)
             return encode_error(exc)
         except Exception as exc:  # a bug must not kill the listener; answer and log it
             log.exception("local request failed")
-            return encode_error(Unavailable("internal_error", type(exc).__name__))
+            failure = Unavailable("internal_error", type(exc).__name__)
+            gate.observe(op, failure)
+            return encode_error(failure)
 
     def _send(self, data: bytes) -> None:
         self.wfile.write(data)
         self.wfile.flush()
 
 
+# Told each answer's operation (``unknown`` when the request named none) and its error (None
+# for a result) before the answer is sent: the metrics' ``local_requests``. Must not raise.
+LocalObserver = Callable[[str, AgentError | None], None]
+
+
+def _unobserved(op: str, error: AgentError | None) -> None:
+    pass
+
+
 class _Gate:
     """The local policy as configured now: read on every connection, so a reload applies."""
 
     def __init__(
-        self, service: LocalService, config: Callable[[], LocalConfig], clock: Callable[[], float]
+        self,
+        service: LocalService,
+        config: Callable[[], LocalConfig],
+        clock: Callable[[], float],
+        observe: LocalObserver = _unobserved,
     ) -> None:
         self.service = service
         self.config = config
         self.clock = clock
+        self.observe = observe
         self._lock = threading.Lock()
         self._limiter = RateLimiter(1, 1)
         self._limits = (0, 0)
@@ -189,10 +211,11 @@ class LocalServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         supervision: Supervision | None = None,
+        observe: LocalObserver = _unobserved,
     ) -> None:
         self.path = config().socket
         self.supervision = supervision
-        self._gate = _Gate(service, config, clock)
+        self._gate = _Gate(service, config, clock, observe)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._inode: tuple[int, int] | None = None
@@ -250,7 +273,12 @@ class DaemonParts(Protocol):
     def shadowing(self) -> tuple[Shadow, ...]: ...
 
 
-def serve_local(daemon: DaemonParts, supervision: Supervision | None = None) -> LocalServer:
+def serve_local(
+    daemon: DaemonParts,
+    supervision: Supervision | None = None,
+    *,
+    observe: LocalObserver = _unobserved,
+) -> LocalServer:
     """Start the local socket of a running daemon (unless disabled); ``stop()`` it at shutdown.
 
     A socket that cannot be served (path taken by a live daemon, unwritable directory) is logged
@@ -258,6 +286,7 @@ def serve_local(daemon: DaemonParts, supervision: Supervision | None = None) -> 
 
     Configuration is read from ``daemon.cfg`` on every connection, so a reload that replaces it
     changes the group, TTL cap and rate limit at once; the socket path needs a restart.
+    ``observe`` is told every answer (the metrics count local requests like remote ones).
     """
     service = LocalService(
         daemon.engine,
@@ -269,7 +298,9 @@ def serve_local(daemon: DaemonParts, supervision: Supervision | None = None) -> 
         reload=daemon.request_reload,
         loops=lambda: _loops_json(supervision),
     )
-    server = LocalServer(lambda: daemon.cfg.local, service, supervision=supervision)
+    server = LocalServer(
+        lambda: daemon.cfg.local, service, supervision=supervision, observe=observe
+    )
     if daemon.cfg.local.enabled:
         try:
             server.start()

@@ -1,8 +1,11 @@
 """Prometheus metrics of the daemon, in its own registry, on their own listener.
 
-Owns the metric names (all ``vicifast_agent_*``), the registry and the listener. The registry
-is built by ``AgentMetrics`` when the daemon starts, never at import time, so nothing lands in
-prometheus_client's global registry and a test can build as many as it likes. The metrics read
+Owns the metric names (all ``vicifast_agent_*``, besides the standard ``process_*`` of
+prometheus_client's process collector), the registry and the listener. The registry is built by
+``AgentMetrics`` when the daemon starts, never at import time, so nothing lands in
+prometheus_client's global registry and a test can build as many as it likes. No ``_created``
+series are exported: they double every counter and histogram and say only when the process
+started, which ``process_start_time_seconds`` already says. The metrics read
 the daemon only through ``MetricsSource`` and ``CounterSource`` at scrape time, and are moved by
 the gRPC interceptor and the ``NftAdapter`` observer; they never change the daemon's state.
 
@@ -10,6 +13,7 @@ Wiring (agent.daemon)::
 
     metrics = start_metrics(cfg, daemon, nft=table.nft, nft_version=features.nft_version)
     AgentServer(cfg, service, interceptors=[metrics.interceptor])
+    serve_local(daemon, observe=metrics.requests.record_local)
     ...  metrics.reload(cfg)  ...  metrics.stop()
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -26,6 +30,7 @@ from agent.metrics.collectors import (
     CertificateCollector,
     CertificateExpiry,
     DropCollector,
+    MemoryLimitCollector,
     StateCollector,
 )
 from agent.metrics.http import MetricsListener
@@ -34,6 +39,7 @@ from agent.metrics.instruments import (
     RequestInterceptor,
     RequestMetrics,
     TransportMetrics,
+    served_rpcs,
 )
 from agent.metrics.source import CounterSource, MetricsSource, SourceStatus
 from agent.rules.counters import NamedCounterReader
@@ -46,6 +52,7 @@ __all__ = ["AgentMetrics", "CounterSource", "MetricsSource", "SourceStatus", "st
 def build_registry(
     cfg: AgentConfig, source: MetricsSource, counters: CounterSource, *, nft_version: str
 ) -> tuple[CollectorRegistry, StateCollector, DropCollector, CertificateCollector]:
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide switch
     registry = CollectorRegistry(auto_describe=False)  # registering never runs a collector
     state = StateCollector(source, cfg.firewall)
     drops = DropCollector(counters, cfg.firewall)
@@ -54,9 +61,12 @@ def build_registry(
         state,
         drops,
         certificates,
+        MemoryLimitCollector(),
         BuildInfoCollector(__version__, platform.python_version(), nft_version),
     ):
         registry.register(collector)
+    # process_resident_memory_bytes, process_open_fds, process_max_fds, ... of this process
+    ProcessCollector(registry=registry)
     return registry, state, drops, certificates
 
 
@@ -76,7 +86,7 @@ class AgentMetrics:
             cfg, source, counters, nft_version=nft_version
         )
         self.counters = counters
-        self.requests = RequestMetrics(self.registry)
+        self.requests = RequestMetrics(self.registry, served_rpcs(reflection=cfg.api.reflection))
         self.kernel = KernelMetrics(self.registry)
         self.transport = TransportMetrics(self.registry)
         self.interceptor = RequestInterceptor(self.requests)

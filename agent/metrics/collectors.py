@@ -1,10 +1,11 @@
 """Scrape-time collectors: every value is read fresh when Prometheus asks, none is cached.
 
-Owns the metrics that describe state (entries, sync, counters in the kernel, certificates,
-build). Each collector reads only what it was handed (a ``MetricsSource``, a ``CounterSource``,
-certificate files) and never changes anything. A source that fails makes its collector yield
-nothing for that scrape, logged, rather than fail the whole scrape: the other metrics, and the
-absence of the failed ones, are what an operator needs then.
+Owns the metrics that describe state (entries, sync, counters in the kernel, certificates, the
+memory limit, build). Each collector reads only what it was handed (a ``MetricsSource``, a
+``CounterSource``, certificate files, the cgroup file system) and never changes anything. A
+source that fails makes its collector yield nothing for that scrape, logged, rather than fail
+the whole scrape: the other metrics, and the absence of the failed ones, are what an operator
+needs then.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography import x509
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -233,4 +234,72 @@ class BuildInfoCollector(Collector):
             labels=["version", "python", "nft"],
         )
         family.add_metric(list(self.labels), 1)
+        yield family
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit number.
+_V1_UNLIMITED = 1 << 62
+
+
+def _hierarchy(lines: list[str]) -> tuple[str, str, str] | None:
+    """(directory under the cgroup root, limit file, own path): the unified hierarchy (v2) if
+    it has a memory controller, else v1's memory hierarchy."""
+    for line in lines:
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "memory" in controllers.split(","):
+            return "memory", "memory.limit_in_bytes", path
+    unified = next((line[3:] for line in lines if line.startswith("0::")), None)
+    return None if unified is None else ("", "memory.max", unified)
+
+
+def cgroup_memory_limit(
+    proc_cgroup: Path = PROC_SELF_CGROUP, root: Path = CGROUP_ROOT
+) -> int | None:
+    """The memory limit the kernel enforces on this process: the tightest of its cgroup's (the
+    unit's ``MemoryMax=``) and every parent's (a slice's), or None when there is none or it
+    cannot be read. cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``, hybrid and
+    older hosts, some LXC containers) alike."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found = _hierarchy(lines)
+    if found is None:
+        return None
+    directory, limit_file, own = found
+    limits = []
+    cgroup = PurePosixPath(own)
+    for level in (cgroup, *cgroup.parents):
+        try:
+            text = (root / directory / str(level).lstrip("/") / limit_file).read_text().strip()
+        except OSError:  # the root cgroup has none; a container may hide its parents
+            continue
+        if text.isdigit() and int(text) < _V1_UNLIMITED:  # v2 says "max" for no limit
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+class MemoryLimitCollector(Collector):
+    """The daemon's memory limit, read at every scrape (a drop-in may raise ``MemoryMax=`` and a
+    ``systemctl set-property`` change it without a restart). Together with the process
+    collector's ``process_resident_memory_bytes`` it says how close the daemon is to being
+    killed; ``process_open_fds``/``process_max_fds`` do the same for ``LimitNOFILE=``."""
+
+    def __init__(self, read: Callable[[], int | None] = cgroup_memory_limit) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            PREFIX + "memory_limit_bytes",
+            "The cgroup memory limit the daemon runs under (the unit's MemoryMax=, or a "
+            "parent's if tighter); absent when there is none.",
+        )
+        limit = self.read()
+        if limit is not None:
+            family.add_metric([], limit)
         yield family

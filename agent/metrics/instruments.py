@@ -1,9 +1,15 @@
-"""Event-driven metrics: gRPC requests (through a server interceptor) and kernel transactions.
+"""Event-driven metrics: gRPC and local-socket requests, and kernel transactions.
 
 Owns the counters and histograms that are moved as things happen, all in the registry handed in.
 It observes outcomes and never changes them: the interceptor passes every call, result and
 status through untouched (the handler's context only counts an ``abort`` before sending it), and
-the kernel observer only records what ``NftAdapter`` reports.
+the kernel and local-socket observers only record what ``NftAdapter`` and the local listener
+report.
+
+Every label value the daemon can know in advance (each served RPC and status code, each local
+operation, each authentication and kernel failure reason) exists at 0 from the start: a series
+that appeared only at its first increment would hide that increment from ``increase()`` and
+``rate()``, and an alert on the first failure would never fire.
 """
 
 from __future__ import annotations
@@ -13,16 +19,49 @@ import inspect
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ErrorKind
+from agent.local.wire import OPS
 from agent.metrics.collectors import PREFIX
+from agent.rpc.pb import agent_pb2
+from agent.rpc.status import CODES
+from agent.rules.nft import FAILURE_REASONS
 
 # Codes whose refusals are authentication failures (PROTOCOL.md "Errors").
 AUTH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+AUTH_KINDS = frozenset({ErrorKind.UNAUTHENTICATED, ErrorKind.PERMISSION_DENIED})
+# Every reason word the agent refuses a caller with (UNAUTHENTICATED or PERMISSION_DENIED);
+# tests/unit/test_metrics_series.py checks this against the code that raises them.
+AUTH_REASONS = (
+    # the gRPC API: transport identity (agent.rpc.auth), envelope and header (agent.rpc.envelope)
+    "no_client_certificate",
+    "caller_not_allowed",
+    "malformed_envelope",
+    "unknown_key",
+    "bad_signature",
+    "wrong_agent",
+    "invalid_window",
+    "window_too_long",
+    "request_not_yet_valid",
+    "request_expired",
+    # the local socket (agent.local.access)
+    "local_peer_not_allowed",
+    "local_root_only",
+    # a refusal whose message starts with no reason word (grpc's own)
+    "other",
+)
+# The local socket's ``op`` label: its operations, and ``unknown`` for a request that named none
+# of them (undecodable, unknown op, or from a peer refused before its request was read).
+LOCAL_OPS = (*OPS, "unknown")
+# What a local answer can be: OK, or the code of an error kind (agent.rpc.status's one mapping).
+LOCAL_CODES = ("OK", *sorted({code.name for code in CODES.values()}))
 # Reason words are code constants (agent.errors); anything else becomes "other", so a label can
 # never take an unbounded set of values from message text.
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -55,6 +94,30 @@ def rpc_name(method: str) -> str:
     return name if short == "FirewallAgent" else f"{short}.{name}"
 
 
+@dataclass(frozen=True, slots=True)
+class ServedRpc:
+    """One method the gRPC server registers: its ``rpc`` label and whether it is timed."""
+
+    name: str
+    timed: bool  # a single answer (unary or client-streaming); streams are counted, not timed
+
+
+def served_rpcs(*, reflection: bool) -> tuple[ServedRpc, ...]:
+    """The methods the daemon's gRPC server serves (agent.rpc.server), from their descriptors:
+    the agent's service, the health service, and reflection when ``[api] reflection`` is on."""
+    services = [
+        agent_pb2.DESCRIPTOR.services_by_name["FirewallAgent"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ]
+    if reflection:
+        services.append(reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+    return tuple(
+        ServedRpc(rpc_name(f"/{service.full_name}/{method.name}"), not method.server_streaming)
+        for service in services
+        for method in service.methods
+    )
+
+
 def reason_word(details: str | bytes | None) -> str:
     """The first word of a status message (the agent's reason word), or ``other``."""
     text = details.decode(errors="replace") if isinstance(details, bytes) else details or ""
@@ -63,9 +126,12 @@ def reason_word(details: str | bytes | None) -> str:
 
 
 class RequestMetrics:
-    """Requests by RPC and code, durations by RPC, authentication failures by reason."""
+    """Requests by RPC and code, durations by RPC, authentication failures by reason; local
+    socket requests by operation and code (the same code names as gRPC's)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, rpcs: tuple[ServedRpc, ...] | None = None
+    ) -> None:
         self.requests = Counter(
             PREFIX + "requests",
             "gRPC requests answered, by RPC and gRPC status code.",
@@ -84,6 +150,22 @@ class RequestMetrics:
             ["reason"],
             registry=registry,
         )
+        self.local_requests = Counter(
+            PREFIX + "local_requests",
+            "Local socket requests answered, by operation and outcome (gRPC's code names).",
+            ["op", "code"],
+            registry=registry,
+        )
+        for rpc in served_rpcs(reflection=False) if rpcs is None else rpcs:
+            for code in grpc.StatusCode:
+                self.requests.labels(rpc.name, code.name)
+            if rpc.timed:
+                self.duration.labels(rpc.name)
+        for reason in AUTH_REASONS:
+            self.auth_failures.labels(reason)
+        for op in LOCAL_OPS:
+            for name in LOCAL_CODES:
+                self.local_requests.labels(op, name)
 
     def record(
         self, rpc: str, code: grpc.StatusCode, details: str | bytes | None, seconds: float | None
@@ -93,6 +175,14 @@ class RequestMetrics:
             self.duration.labels(rpc).observe(seconds)
         if code in AUTH_CODES:
             self.auth_failures.labels(reason_word(details)).inc()
+
+    def record_local(self, op: str, error: AgentError | None) -> None:
+        """The local listener's observer: called with each answer before it is sent."""
+        code = "OK" if error is None else CODES[error.kind].name
+        self.local_requests.labels(op if op in LOCAL_OPS else "unknown", code).inc()
+        if error is not None and error.kind in AUTH_KINDS:
+            reason = error.reason if error.reason in AUTH_REASONS else "other"
+            self.auth_failures.labels(reason).inc()
 
 
 def _outcome(
@@ -252,6 +342,8 @@ class KernelMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
 
     def observe(self, seconds: float, error: AgentError | None) -> None:
         """The ``NftAdapter`` observer: called after each transaction."""

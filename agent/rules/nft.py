@@ -98,6 +98,10 @@ def _detail(err_text: str | bytes) -> str:
     return " ".join(text.split())[:500]
 
 
+# Every reason word ``classify_failure`` can give (the metrics start each at 0).
+FAILURE_REASONS = ("set_full", "element_conflict", "kernel_refused")
+
+
 def classify_failure(err: int, detail: str) -> AgentError:
     """Turn a failed transaction's errno into the typed error the layers above branch on."""
     if err == errno_codes.ENFILE:

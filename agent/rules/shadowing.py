@@ -1,25 +1,34 @@
 """Coexistence: other tables' input base chains that would drop what the agent allows.
 
 Owns the judgement "does another table shadow our allow entries?" (RULESET.md: an accept in one
-base chain never overrides a drop in another). ``find_shadowing`` is pure and conservative: a
-chain shadows a protected port when, for a packet from an arbitrary allowed source, it reaches
-an unconditional drop/reject (or its drop policy) without first meeting an accept that matches
-only on protocol and destination port. Rules that also match on anything else (addresses,
-interfaces, conntrack state, jumps) are conditional and skipped, so the report names chains that
-will drop at least some allowed traffic. Never changes another table: ``read_shadowing`` lists.
+base chain never overrides a drop in another). ``find_shadowing`` is pure and conservative: it
+asks the one evaluator of foreign chains (``agent.rules.foreign``, which ``why`` uses too) what a
+chain does with a new packet from an arbitrary allowed source to each protected port, when none
+of the rules it cannot judge for such a source match (rules on source addresses, interfaces
+other than lo, limits, xt matches). A chain that then drops (a drop/reject rule, or its drop
+policy) shadows that port: it will drop at least some allowed traffic. Never changes another
+table: ``read_shadowing`` lists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.config import PortRange
+from agent.rules.foreign import (
+    BaseChain,
+    ChainRef,
+    Packet,
+    RulesetView,
+    evaluate_chain,
+    rules_by_chain,
+)
 from agent.rules.nft import NftAdapter
 
 FAMILIES = ("inet", "ip", "ip6")
-_PORT_FIELDS = {("th", "dport"), ("tcp", "dport"), ("udp", "dport")}
+_IP_VERSIONS = {"inet": (4, 6), "ip": (4,), "ip6": (6,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,73 +49,6 @@ class Shadow:
         )
 
 
-def _ports_of(right: Any) -> list[tuple[int, int]] | None:
-    if isinstance(right, int):
-        return [(right, right)]
-    if isinstance(right, dict):
-        if "range" in right:
-            lo, hi = right["range"]
-            return [(int(lo), int(hi))] if isinstance(lo, int) and isinstance(hi, int) else None
-        if "set" in right:
-            out: list[tuple[int, int]] = []
-            for item in right["set"]:
-                got = _ports_of(item)
-                if got is None:
-                    return None
-                out += got
-            return out
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class _RuleMatch:
-    """A rule reduced to what this analysis understands; ``None`` fields match anything."""
-
-    protocol: str | None
-    ports: list[tuple[int, int]] | None
-    verdict: str
-
-
-def _reduce(expr: Sequence[dict[str, Any]]) -> _RuleMatch | None:
-    """The rule as (protocol, ports, verdict), or None when it has other conditions."""
-    protocol: str | None = None
-    ports: list[tuple[int, int]] | None = None
-    verdict = ""
-    for e in expr:
-        if "match" in e:
-            m = e["match"]
-            if m.get("op", "==") not in ("==", "in"):
-                return None
-            left, right = m.get("left", {}), m.get("right")
-            payload = left.get("payload", {}) if isinstance(left, dict) else {}
-            meta = left.get("meta", {}) if isinstance(left, dict) else {}
-            if (payload.get("protocol"), payload.get("field")) in _PORT_FIELDS:
-                ports = _ports_of(right)
-                if ports is None:
-                    return None
-                if payload.get("protocol") in ("tcp", "udp"):
-                    protocol = payload["protocol"]
-            elif right in ("tcp", "udp") and (
-                meta.get("key") == "l4proto" or payload.get("field") in ("protocol", "nexthdr")
-            ):
-                protocol = right
-            else:
-                return None
-        elif any(k in e for k in ("accept", "drop", "reject")):
-            verdict = next(k for k in ("accept", "drop", "reject") if k in e)
-        elif any(k in e for k in ("jump", "goto", "return", "queue")) or "limit" in e:
-            return None
-    return _RuleMatch(protocol, ports, verdict) if verdict else None
-
-
-def _covers(rule: _RuleMatch, port: PortRange) -> bool:
-    if rule.protocol is not None and rule.protocol != port.protocol:
-        return False
-    if rule.ports is None:
-        return True
-    return any(lo <= port.first and port.last <= hi for lo, hi in rule.ports)
-
-
 def find_shadowing(
     items: Iterable[dict[str, Any]],
     *,
@@ -115,16 +57,12 @@ def find_shadowing(
     protected: Sequence[PortRange],
 ) -> list[Shadow]:
     """Pure: shadowing chains in a libnftables JSON listing (chains and their rules)."""
-    chains: dict[tuple[str, str, str], dict[str, Any]] = {}
-    rules: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
-    for item in items:
-        if "chain" in item:
-            c = item["chain"]
-            key = (c["family"], c["table"], c["name"])
-            chains[key] = c
-        elif "rule" in item:
-            r = item["rule"]
-            rules.setdefault((r["family"], r["table"], r["chain"]), []).append(r.get("expr", []))
+    listed = list(items)
+    view = RulesetView(rules=rules_by_chain(listed))
+    chains = {
+        (c["family"], c["table"], c["name"]): c
+        for c in (i["chain"] for i in listed if "chain" in i)
+    }
     out: list[Shadow] = []
     for key, c in sorted(chains.items()):
         family, table, name = key
@@ -132,14 +70,17 @@ def find_shadowing(
             continue
         if (family == "inet" and table == own_table) or int(c.get("prio", 0)) < own_priority:
             continue  # ours, or runs before ours: a drop there is not about our allow entries
-        dropped = _dropped_ports(rules.get(key, []), c.get("policy") == "drop", protected)
+        chain = BaseChain(
+            ChainRef(family, table, name), "input", int(c.get("prio", 0)), c.get("policy", "accept")
+        )
+        dropped = _dropped_ports(view, chain, protected)
         if dropped:
             out.append(
                 Shadow(
                     family,
                     table,
                     name,
-                    int(c.get("prio", 0)),
+                    chain.priority,
                     tuple(str(p) for p in sorted(dropped)),
                     " and ".join(sorted(set(dropped.values()))),
                 )
@@ -148,27 +89,57 @@ def find_shadowing(
 
 
 def _dropped_ports(
-    rules: list[list[dict[str, Any]]], policy_drop: bool, protected: Sequence[PortRange]
+    view: RulesetView, chain: BaseChain, protected: Sequence[PortRange]
 ) -> dict[PortRange, str]:
-    """Protected ports a chain drops for an arbitrary source, with why."""
-    open_ports: set[PortRange] = set()
+    """Protected ports the chain drops for an arbitrary source, with why. A range is probed at
+    its ends and wherever a port match of the chain's table starts or stops holding within it,
+    so every stretch of ports the rules treat alike is judged once."""
+    bounds = _port_bounds(view, chain.ref)
     dropped: dict[PortRange, str] = {}
-    for expr in rules:
-        reduced = _reduce(expr)
-        if reduced is None:
-            continue
-        for port in protected:
-            if port in open_ports or port in dropped or not _covers(reduced, port):
-                continue
-            if reduced.verdict == "accept":
-                open_ports.add(port)
-            else:
-                dropped[port] = "rule drops"
-    if policy_drop:
-        for port in protected:
-            if port not in open_ports and port not in dropped:
-                dropped[port] = "policy drop"
+    for port in protected:
+        probes = sorted(
+            {port.first, port.last} | {b for b in bounds if port.first <= b <= port.last}
+        )
+        for version in _IP_VERSIONS[chain.ref.family]:
+            for number in probes:
+                finding = evaluate_chain(view, chain, Packet(version, number, port.protocol))
+                if finding.settled == "drop":
+                    dropped[port] = "policy drop" if finding.by_policy else "rule drops"
+                    break
+            if port in dropped:
+                break
     return dropped
+
+
+def _port_bounds(view: RulesetView, ref: ChainRef) -> set[int]:
+    """Every port where a destination-port match of ``ref``'s table starts or stops holding."""
+    bounds: set[int] = set()
+    for chain, rules in view.rules.items():
+        if (chain.family, chain.table) != (ref.family, ref.table):
+            continue
+        for _, exprs in rules:
+            for e in exprs:
+                match = e.get("match") if isinstance(e, Mapping) else None
+                if not isinstance(match, Mapping):
+                    continue
+                left = match.get("left")
+                if isinstance(left, Mapping) and left.get("payload", {}).get("field") == "dport":
+                    _collect_bounds(match.get("right"), bounds)
+    return bounds
+
+
+def _collect_bounds(right: Any, bounds: set[int]) -> None:
+    if isinstance(right, int):
+        bounds |= {right, right + 1}
+    elif isinstance(right, list):
+        for item in right:
+            _collect_bounds(item, bounds)
+    elif isinstance(right, Mapping) and "set" in right:
+        _collect_bounds(right["set"], bounds)
+    elif isinstance(right, Mapping) and "range" in right:
+        lo, hi = right["range"]
+        if isinstance(lo, int) and isinstance(hi, int):
+            bounds |= {lo, hi + 1}
 
 
 def read_shadowing(

@@ -205,6 +205,25 @@ def test_metrics_and_the_local_cli_work_inside_the_sandbox(system: System) -> No
     assert AGENT_ID in status.stdout
 
 
+def test_the_monitoring_kit_is_installed_and_the_metrics_see_the_units_caps(
+    system: System,
+) -> None:
+    kit = system.container.run("ls", "/usr/share/vicifast-agent/monitoring").stdout.split()
+    assert sorted(kit) == ["alerts.yml", "alerts_test.yml", "dashboard.json"]
+
+    def scrape() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:9617/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    text = system.lab.srv.call(scrape)
+    # LimitNOFILE=65536 in the shipped unit; the memory limit only where the container's
+    # systemd was given the memory controller (MemoryMax=768M)
+    assert re.search(r"^process_max_fds 65536\.0$", text, re.M)
+    assert re.search(r"^process_resident_memory_bytes \d", text, re.M)
+    limit = re.search(r"^vicifast_agent_memory_limit_bytes (\S+)$", text, re.M)
+    assert limit is None or float(limit.group(1)) == 768 * 2**20
+
+
 def test_reload_rotates_the_server_certificate(system: System, caller: Caller) -> None:
     c = system.container
     pid = main_pid(c)

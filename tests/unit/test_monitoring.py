@@ -18,11 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "monitoring" / "alerts.yml"
+ALERT_TESTS = ROOT / "monitoring" / "alerts_test.yml"
 DASHBOARD = ROOT / "monitoring" / "dashboard.json"
 METRICS_SOURCES = sorted((ROOT / "agent" / "metrics").glob("*.py"))
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 P = "vicifast_agent_"
 BIG = 10_000_000_000  # a not-after far in the future (Unix seconds)
+SCRAPE_LABELS = 'job="vicifast-agent",instance="a"'
 
 
 def exported_metrics() -> set[str]:
@@ -68,6 +70,11 @@ HEALTHY = {
     f'{P}auth_failures_total{{reason="bad_signature"}}': "0x120",
     f"{P}kernel_transaction_failures_total": "0x120",
     f"{P}flow_cut_failures_total": "0x120",
+    f'{P}build_info{{version="0.1.0",python="3.11.2",nft="1.0.6"}}': "1x120",
+    "process_resident_memory_bytes": f"{200 * 2**20}x120",
+    f"{P}memory_limit_bytes": f"{768 * 2**20}x120",
+    "process_open_fds": "40x120",
+    "process_max_fds": "65536x120",
 }
 
 
@@ -149,6 +156,36 @@ CASES = [
         [],
     ),
     Case(
+        "memory peaked near the limit",
+        {"process_resident_memory_bytes": f"{200 * 2**20}x10 {700 * 2**20} {200 * 2**20}x100"},
+        "15m",
+        ["VicifastAgentMemoryNearLimit"],
+    ),
+    Case(
+        "memory near the limit without one (unlimited cgroup)",
+        {
+            "process_resident_memory_bytes": f"{700 * 2**20}x120",
+            f"{P}memory_limit_bytes": "_x120",
+        },
+        "15m",
+        [],
+    ),
+    Case(
+        "descriptors near the limit",
+        {"process_open_fds": "60000x120"},
+        "11m",
+        ["VicifastAgentFileDescriptorsNearLimit"],
+    ),
+    Case(
+        "another job's process near its descriptor limit",
+        {
+            "process_open_fds": "60000x120",
+            f'{P}build_info{{version="0.1.0",python="3.11.2",nft="1.0.6"}}': "_x120",
+        },
+        "11m",
+        [],
+    ),
+    Case(
         "a flow of a revoked source could not be cut",
         {f"{P}flow_cut_failures_total": "0 0 0 1x120"},
         "5m",
@@ -157,10 +194,12 @@ CASES = [
 ]
 
 
-def _with_instance(series: str) -> str:
+def _as_scraped(series: str) -> str:
+    """The series as a real scrape labels it: the scrape's ``job`` and ``instance`` on every one
+    (rules that join series must survive both labels)."""
     name, _, labels = series.partition("{")
-    labels = labels.rstrip("}")
-    return f'{name}{{instance="a"{"," + labels if labels else ""}}}'
+    own = [pair for pair in labels.rstrip("}").split(",") if pair and not pair.startswith("job=")]
+    return f"{name}{{{','.join([SCRAPE_LABELS, *own])}}}"
 
 
 def _rule_test(case: Case) -> dict[str, object]:
@@ -169,7 +208,7 @@ def _rule_test(case: Case) -> dict[str, object]:
         "interval": "1m",
         "input_series": [
             # every series spans the whole test (120 min): "absent" never stands in for "healthy"
-            {"series": _with_instance(s), "values": v}
+            {"series": _as_scraped(s), "values": v}
             for s, v in series.items()
         ],
         "promql_expr_test": [
@@ -199,6 +238,38 @@ def test_alert_fires_exactly_when_its_condition_holds(
         [promtool, "test", "rules", str(test_file)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the shipped rule tests (monitoring/alerts_test.yml) -----------------------------------
+
+
+def test_shipped_rule_tests_pass_promtool(promtool: str) -> None:
+    done = subprocess.run(
+        [promtool, "test", "rules", ALERT_TESTS.name],
+        cwd=ALERT_TESTS.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _shipped_input_series() -> list[str]:
+    return re.findall(r"- series: '([^']*)'", ALERT_TESTS.read_text())
+
+
+def test_shipped_rule_tests_label_every_series_as_a_scrape_does() -> None:
+    series = _shipped_input_series()
+    assert series, "no input series found in alerts_test.yml: its layout changed"
+    unlabelled = [s for s in series if not ('job="' in s and 'instance="' in s)]
+    assert not unlabelled, f"series without the scrape's job and instance: {unlabelled}"
+
+
+def test_shipped_rule_tests_cover_every_alert() -> None:
+    alerts = set(re.findall(r"^\s*- alert: (\w+)$", ALERTS.read_text(), re.MULTILINE))
+    tested = set(re.findall(r"\b(VicifastAgent\w+)", ALERT_TESTS.read_text()))
+    assert alerts, "no alerts found in alerts.yml: its layout changed"
+    assert alerts - tested == set(), "alerts without a case in alerts_test.yml"
 
 
 # --- the kit speaks the agent's metric names -----------------------------------------------

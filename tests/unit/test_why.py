@@ -149,7 +149,7 @@ ANY_SIP = Packet(4, 5060, "udp")
         ("drop", [[_m({"meta": {"key": "iifname"}}, "lo"), ACCEPT]], SIP, ChainOutcome.DROPS),
         ("accept", [[_m({"ct": {"key": "state"}}, "invalid"), DROP]], SIP, ChainOutcome.ACCEPTS),
         ("accept", [[_m({"meta": {"key": "l4proto"}}, "udp"), REJECT]], SIP, ChainOutcome.DROPS),
-        # Named sets and xt matches cannot be judged: the answer says "may".
+        # Named sets that were not read and xt matches cannot be judged: the answer says "may".
         ("accept", [[_dport("udp", "@blocked"), DROP]], SIP, ChainOutcome.MAY_DROP),
         (
             "drop",
