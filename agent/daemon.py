@@ -281,7 +281,19 @@ class Daemon:
             aside,
             extra={"REASON": "store_corrupt"},
         )
-        return Store.open(path)
+        store = Store.open(path)
+        try:
+            version = store.resume_after_loss(int(time.time() * 1000))
+        except BaseException:
+            store.close()
+            raise
+        log.warning(
+            "state_version continues from %d; signed requests issued before now are refused "
+            "(issued_before_recovery)",
+            version,
+            extra={"REASON": "store_corrupt"},
+        )
+        return store
 
     def _startup_scope(self) -> Scope:
         stopped_at = self.store.take_stop_generation()

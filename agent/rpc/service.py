@@ -214,6 +214,14 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         opened: OpenedRequest[SignedRequestT] = open_envelope(
             envelope, rpc.message_type, s.trust, int(self.clock() * 1000)
         )
+        if opened.header.issued_at_ms < self.engine.replay_floor_ms:
+            # The request log was lost with a damaged database: a request from before the
+            # recovery may have been applied already (a replay cannot be told apart).
+            raise Unauthenticated(
+                "issued_before_recovery",
+                f"issued_at {opened.header.issued_at_ms} is before the state was recovered "
+                f"({self.engine.replay_floor_ms}); sign it again",
+            )
         meta = RequestMeta(
             request_id=opened.header.request_id,
             rpc=rpc.name,
