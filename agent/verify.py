@@ -4,9 +4,12 @@ Owns the verification thread. It wakes on nf_tables change notifications (someon
 ``nft flush ruleset``, ``systemctl reload nftables``, deleted the table, a set, a rule or an
 element) and repairs at once; a periodic check (``[verify] interval_s``) is the backstop. Both
 go through ``reconcile.converge`` as a task on the engine's writer thread, so a repair never
-races a request. The periodic check is cheap (chains, terse sets, a netlink rule count); every
-element is compared only when notifications say a set changed, were lost, or once per
-``[verify] elements_interval_s``: listing 100,000 elements costs over a second of CPU.
+races a request. Every check, periodic or woken by a notification, compares the whole table
+but the allow sets' elements (chains, rules, sets, objects, static sources: a terse listing and
+a few small netlink dumps, ~30 ms with 100,000 entries); the allow elements (with their
+timeouts and comments) are compared when notifications say their set changed or were lost,
+and once per ``[verify] elements_interval_s``: listing 100,000 elements costs over a second of
+CPU, and the kernel reports every change of an element to the listener.
 
 It also keeps the coexistence report (other tables' chains that would drop what the agent
 allows) fresh: at start, when another table changes, and with each periodic check.
