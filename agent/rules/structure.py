@@ -86,9 +86,11 @@ class Structure:
             for name, ranges in sorted(self.ranges)
             if name in seen_ranges and seen_ranges[name] != ranges
         ]
+        # Rogue: what the agent never makes (what it makes but must make again is named above).
         rogue = self.rogue_in(observed)
-        out += [f"rogue chain {c}" for c in rogue.chains]
-        out += [f"rogue set {s}" for s in rogue.sets]
+        ours = {c[0] for c in self.chains} | {s[0] for s in self.sets}
+        out += [f"rogue chain {c}" for c in rogue.chains if c not in ours]
+        out += [f"rogue set {s}" for s in rogue.sets if s not in ours]
         out += [f"rogue {k} {n}" for k, n in rogue.objects]
         return out
 
