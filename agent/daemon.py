@@ -117,9 +117,12 @@ class Status:
     in_sync: bool
     resync_required: bool
     shadowed: bool
+    repair_storm: bool = False
 
     def line(self) -> str:
         parts = [f"{self.entries} entries", "in sync" if self.in_sync else "NOT in sync"]
+        if self.repair_storm:
+            parts.append("UNHEALTHY: drift repairs keep coming (another agent on this table?)")
         if self.resync_required:
             parts.append("state rebuilt from the kernel, waiting for a Sync")
         if self.shadowed:
@@ -175,6 +178,7 @@ class Daemon:
             shadowing=bool(self.shadowing),
             flows_cut=self.engine.flows_cut,
             flow_cut_failures=self.engine.flow_cut_failures,
+            repair_storm=self.verifier.repair_storm,
         )
 
     def health(self) -> Health:
@@ -182,6 +186,8 @@ class Daemon:
             in_sync=self.in_sync,
             last_verified_at_ms=self.last_verified_at_ms,
             drift_repairs=self.drift_repairs,
+            recent_drift_repairs=self.verifier.recent_repairs,
+            repair_storm=self.verifier.repair_storm,
         )
 
     # --- start --------------------------------------------------------------------------------
@@ -350,6 +356,7 @@ class Daemon:
             in_sync=self.in_sync,
             resync_required=self.resync_required,
             shadowed=bool(self.shadowing),
+            repair_storm=self.verifier.repair_storm,
         )
 
     def _loop(self) -> None:

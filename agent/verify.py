@@ -19,6 +19,14 @@ Readers on other threads (metrics, GetState, the local socket) use the plain att
 ``drift_repairs`` counts repairs after start-up, structure-only ones included; those raise no
 event (events and ``state_version`` are per entry), so this counter is where they show.
 Never flushes or touches another table.
+
+A repair now and then is a sysadmin's slip; repairs that keep coming mean something keeps
+changing the table back - most often a second agent (another state directory, the same
+table) or a firewall manager reloading in a loop, each undoing the other's work many times a
+second. ``RepairRate`` counts repairs over the last ``STORM_WINDOW_S``; from ``STORM_REPAIRS``
+on the verifier reports ``repair_storm`` (the status line, the local ``status``, the
+``vicifast_agent_drift_repair_storm`` metric and its alert) and logs it once
+(``REASON=repair_storm``), and again when it has calmed down.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from agent.engine import Engine
@@ -41,6 +50,35 @@ from agent.store import Store
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE_S = 1.0
+# Repairs within this many seconds, and how many of them make a storm: a sysadmin's flush or a
+# few `systemctl reload nftables` stay well below; two agents fighting reach it in a second.
+STORM_WINDOW_S = 60.0
+STORM_REPAIRS = 10
+
+
+class RepairRate:
+    """Pure: repairs in the last ``window_s`` seconds, from the times they happened (passed in,
+    monotonic seconds). Keeps at most one time per repair of the window."""
+
+    def __init__(self, window_s: float = STORM_WINDOW_S, storm: int = STORM_REPAIRS) -> None:
+        self.window_s = window_s
+        self.storm = storm
+        self._times: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+        self._forget(now)
+
+    def count(self, now: float) -> int:
+        self._forget(now)
+        return len(self._times)
+
+    def stormy(self, now: float) -> bool:
+        return self.count(now) >= self.storm
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
 
 
 class Verifier:
@@ -63,6 +101,9 @@ class Verifier:
         self.elements_interval_s = elements_interval_s
         self.on_change = on_change
         self.drift_repairs = 0
+        self.rate = RepairRate()
+        self._rate_lock = threading.Lock()
+        self._storm_logged = False
         self.last_verified_at_ms = 0
         self.in_sync = True
         self.last_error = ""
@@ -95,12 +136,43 @@ class Verifier:
         self.last_error = ""
         if conv.drift and not startup:
             self.drift_repairs += 1
-            log.warning(
-                "drift repaired: %s",
-                conv.describe(),
-                extra={"REASON": "drift_repaired"},
-            )
+            with self._rate_lock:
+                self.rate.add(time.monotonic())
+            # During a storm each repair is not logged again (tens a second): the storm is,
+            # once, and the counters go on.
+            if not self._storm_logged:
+                log.warning(
+                    "drift repaired: %s",
+                    conv.describe(),
+                    extra={"REASON": "drift_repaired"},
+                )
+        self._log_storm()
         self.on_change()
+
+    @property
+    def recent_repairs(self) -> int:
+        """Repairs within the last ``STORM_WINDOW_S`` (any thread may read it)."""
+        with self._rate_lock:
+            return self.rate.count(time.monotonic())
+
+    @property
+    def repair_storm(self) -> bool:
+        """Whether repairs keep coming: something keeps changing the table back."""
+        return self.recent_repairs >= self.rate.storm
+
+    def _log_storm(self) -> None:
+        storm = self.repair_storm
+        if storm and not self._storm_logged:
+            log.error(
+                "%d drift repairs in the last %.0f s: something keeps changing the agent's table "
+                "(a second agent on the same table, or a firewall reloading in a loop?)",
+                self.recent_repairs,
+                self.rate.window_s,
+                extra={"REASON": "repair_storm"},
+            )
+        elif self._storm_logged and not storm:
+            log.warning("drift repairs have calmed down", extra={"REASON": "repair_storm"})
+        self._storm_logged = storm
 
     def verify(self, scope: Scope) -> Convergence | None:
         """Run one convergence on the engine's writer thread; None if it failed (logged)."""

@@ -140,6 +140,8 @@ class LocalService:
             "in_sync": h.in_sync,
             "last_verified_at_ms": h.last_verified_at_ms,
             "drift_repairs": h.drift_repairs,
+            "drift_repairs_last_minute": h.recent_drift_repairs,
+            "repair_storm": h.repair_storm,
             "shadowing": [_shadow_json(s) for s in self.shadowing()],
             "table": f"inet {cfg.firewall.table}",
             "listen": {
@@ -212,6 +214,17 @@ class LocalService:
                     doctor.Level.WARNING,
                     "the kernel's table does not match the agent's state right now",
                     "the daemon repairs drift on its own; see its log if this persists",
+                )
+            )
+        if h.repair_storm:
+            checks.append(
+                doctor.Check(
+                    "drift",
+                    doctor.Level.PROBLEM,
+                    f"{h.recent_drift_repairs} drift repairs in the last minute: something keeps "
+                    "changing the agent's table back",
+                    "look for a second vicifast-agent on this table (another state directory) "
+                    "or a firewall reloading in a loop: journalctl REASON=drift_repaired",
                 )
             )
         checks += doctor.check_state_dir(cfg.state.directory)

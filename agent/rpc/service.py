@@ -92,6 +92,8 @@ class Health:
     in_sync: bool = True
     last_verified_at_ms: int = 0
     drift_repairs: int = 0
+    recent_drift_repairs: int = 0  # within the last minute (``agent.verify.RepairRate``)
+    repair_storm: bool = False  # they keep coming: something fights over the table
 
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -68,6 +68,7 @@ HEALTHY = {
     f'{P}auth_failures_total{{reason="bad_signature"}}': "0x120",
     f"{P}kernel_transaction_failures_total": "0x120",
     f"{P}flow_cut_failures_total": "0x120",
+    f"{P}drift_repair_storm": "0x120",
 }
 
 
@@ -153,6 +154,18 @@ CASES = [
         {f"{P}flow_cut_failures_total": "0 0 0 1x120"},
         "5m",
         ["VicifastAgentFlowCutsFailing"],
+    ),
+    Case(
+        "two agents fight over the table",
+        {f"{P}drift_repair_storm": "0 0 1x120"},
+        "5m",
+        ["VicifastAgentRepairStorm"],
+    ),
+    Case(
+        "a minute of many repairs is no storm alert yet",
+        {f"{P}drift_repair_storm": "0 0 1 0x120"},
+        "5m",
+        [],
     ),
 ]
 
