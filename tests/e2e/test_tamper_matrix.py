@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import AgentRig
-from e2ekit import allow_entry
+from e2ekit import AgentRig, allow_entry
 from netlab import Netns
 
 from agent.config import parse_config
