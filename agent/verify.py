@@ -6,7 +6,7 @@ element) and repairs at once; a periodic check (``[verify] interval_s``) is the 
 go through ``reconcile.converge`` as a task on the engine's writer thread, so a repair never
 races a request. Every check, periodic or woken by a notification, compares the whole table
 but the allow sets' elements (chains, rules, sets, objects, static sources: a terse listing and
-a few small netlink dumps, ~30 ms with 100,000 entries); the allow elements (with their
+a few small netlink dumps, ~1 ms with 100,000 entries); the allow elements (with their
 timeouts and comments) are compared when notifications say their set changed or were lost,
 and once per ``[verify] elements_interval_s``: listing 100,000 elements costs over a second of
 CPU, and the kernel reports every change of an element to the listener.

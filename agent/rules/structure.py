@@ -11,9 +11,9 @@ in the table is rogue and removed) and the elements of the interval sets of stat
 (as the address ranges they cover). The allow sets' elements are reconcile's business.
 
 Cheap enough for every check with 100,000 allow elements: a terse ``list ruleset`` of the inet
-family (no set elements fetched; ~30 ms, where nft 1.0.6 fetches every element for ``list
-table`` even when terse, ~2.5 s) and one netlink dump per small interval set. Never changes the
-table itself.
+family (no set elements fetched: ~1 ms in all with 100,000 entries, where nft 1.0.6 fetches
+every element for ``list table`` even when terse, ~2.5 s) and one netlink dump per small
+interval set. Never changes the table itself.
 """
 
 from __future__ import annotations

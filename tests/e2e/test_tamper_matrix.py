@@ -47,6 +47,10 @@ TAMPERS = {
     "static set element added": lambda rig: f"add element {T} static4_agent {{ 0.0.0.0/0 }}",
     "allow element with another timeout": lambda rig: _readd(rig, "1d", _comment(rig)),
     "allow element with another comment": lambda rig: _readd(rig, "600s", "req=x sub=mallory"),
+    # Kernels from about 6.12 on take a re-add's timeout in place (and notify it).
+    "allow element's timeout changed in place": lambda rig: (
+        f"add element {T} allow4_agent {{ {ALLOWED} timeout 1d }}"
+    ),
     "rogue set": lambda rig: f"add set {T} rogue {{ type ipv4_addr; }}",
     "rogue chain": lambda rig: f"add chain {T} rogue",
     "rogue base chain": lambda rig: (
