@@ -157,8 +157,9 @@ class Daemon:
 
     @property
     def in_sync(self) -> bool:
-        """The kernel's table was verified equal to the state, and the state is trustworthy."""
-        return self.verifier.in_sync and not self.resync_required
+        """The kernel's table was verified equal to the state, and the state is trustworthy; not
+        while something keeps changing the table back (a repair storm)."""
+        return self.verifier.in_sync and not self.resync_required and not self.verifier.repair_storm
 
     @property
     def shadowing(self) -> tuple[Shadow, ...]:

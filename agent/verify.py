@@ -53,7 +53,7 @@ RETRY_AFTER_FAILURE_S = 1.0
 # Repairs within this many seconds, and how many of them make a storm: a sysadmin's flush or a
 # few `systemctl reload nftables` stay well below; two agents fighting reach it in a second.
 STORM_WINDOW_S = 60.0
-STORM_REPAIRS = 10
+STORM_REPAIRS = 30
 
 
 class RepairRate:
@@ -232,6 +232,8 @@ class Verifier:
                 return
             now = time.monotonic()
             if touch.ours:
+                # Someone else changed the table: not in sync until it has been compared again.
+                self.in_sync = False
                 ok = self.verify(self._scope_for(touch)) is not None
                 if touch.lost and ok:
                     next_full = now + self.elements_interval_s

@@ -118,7 +118,7 @@ class StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             PREFIX + "drift_repair_storm",
-            "1 while drift repairs keep coming (10 or more within a minute): something keeps "
+            "1 while drift repairs keep coming (30 or more within a minute): something keeps "
             "changing the agent's table back, e.g. a second agent on the same table, else 0.",
             value=int(status.repair_storm),
         )

@@ -19,7 +19,12 @@ from agent.verify import STORM_REPAIRS, STORM_WINDOW_S, RepairRate
         ([1.0, 5.0, 9.0], 10.0, 3, False),  # nftables reloaded a few times
         ([i / 75 for i in range(75)], 1.0, 75, True),  # two agents: ~75 repairs a second
         ([float(i) for i in range(STORM_REPAIRS)], 30.0, STORM_REPAIRS, True),
-        ([float(i) for i in range(STORM_REPAIRS)], 9.0 + STORM_WINDOW_S, 0, False),  # calmed
+        (
+            [float(i) for i in range(STORM_REPAIRS)],
+            STORM_REPAIRS + STORM_WINDOW_S,
+            0,
+            False,
+        ),  # calmed
         ([0.0, 61.0], 61.5, 1, False),  # the first one left the window
     ],
 )
