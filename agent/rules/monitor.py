@@ -460,6 +460,9 @@ def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
     return counts
 
 
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+_TABLE_FLAGS = 2
 NFT_MSG_GETSETELEM = 13
 NFT_SET_ELEM_INTERVAL_END = 0x1
 _ELEM_LIST_ELEMENTS = 3
@@ -503,6 +506,20 @@ def set_element_keys(
                 flags = fields.get(_ELEM_FLAGS, b"\0\0\0\0")
                 found.append((key.get(_DATA_VALUE, b""), int(struct.unpack("!I", flags[:4])[0])))
     return found
+
+
+def table_flags(table: str, family: int = NFPROTO_INET) -> int | None:
+    """The flags of ``<family> <table>`` (``NFT_TABLE_F_DORMANT`` = 1: its chains are off), or
+    None when it is absent. Read here because nft 1.0.6 cannot list a dormant table as JSON:
+    its answer stops in the middle of the table's flags."""
+    body = _NFGENMSG.pack(family, 0, 0) + _name_attr(_ATTR_TABLE, table)
+    for kind, data, start, end in _query(NFT_MSG_GETTABLE, 0, body):
+        if kind == NFT_MSG_NEWTABLE:
+            for attr, value in _attrs(data, start + _HEADER_LEN, end):
+                if attr == _TABLE_FLAGS and len(value) >= 4:
+                    return int(struct.unpack("!I", value[:4])[0])
+            return 0
+    return None
 
 
 def ruleset_fingerprint() -> int:

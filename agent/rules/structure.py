@@ -26,7 +26,7 @@ from typing import Any
 
 from agent.config import FirewallConfig
 from agent.rules import render
-from agent.rules.monitor import NFT_SET_ELEM_INTERVAL_END, set_element_keys
+from agent.rules.monitor import NFT_SET_ELEM_INTERVAL_END, set_element_keys, table_flags
 from agent.rules.nft import NftAdapter
 
 ChainShape = tuple[str, str, int, str]  # name, hook ("" for regular), prio, policy
@@ -55,6 +55,7 @@ class Structure:
     rules: frozenset[tuple[str, tuple[str, ...]]]  # chain, its rules (canonical JSON) in order
     objects: frozenset[tuple[str, str]] = frozenset()  # kind, name of every other object
     ranges: frozenset[tuple[str, Ranges]] = frozenset()  # interval set, what it covers
+    flags: int = 0  # the table's (1: dormant, every chain of it off)
 
     def allow_sets(self) -> frozenset[str]:
         return frozenset(s[0] for s in self.sets if s[0].startswith("allow"))
@@ -65,6 +66,8 @@ class Structure:
         Elements of an interval set are compared only when ``observed`` read them.
         """
         out: list[str] = []
+        if observed.flags != self.flags:
+            out.append("table flags (dormant: every rule of it off)")
         seen_chains = {c[0]: c for c in observed.chains}
         for c in sorted(self.chains):
             if c[0] not in seen_chains:
@@ -300,7 +303,19 @@ def observed_structure(
 
 def read_structure(nft: NftAdapter, table: str, interval_sets: Iterable[str] = ()) -> Structure:
     """The live structure of ``inet <table>`` (empty when the table is absent), with the
-    elements of those of ``interval_sets`` that exist."""
+    elements of those of ``interval_sets`` that exist.
+
+    A dormant table (``nft add table inet vicifast { flags dormant; }`` switches every chain of
+    it off) cannot be listed as JSON by nft 1.0.6; its chains and sets are then read with the
+    listings that do not print the table, and its rules are not read: the repair writes them
+    all again (and ``render_table``'s ``add table`` wakes the table).
+    """
+    flags = table_flags(table) or 0
+    if flags:
+        items = nft.query({"list": {"chains": {"family": render.FAMILY}}})
+        items += nft.query({"list": {"sets": {"family": render.FAMILY}}}, terse=True)
+        live = observed_structure(items, table)
+        return Structure(live.chains, live.sets, frozenset(), flags=flags)
     items = nft.query({"list": {"ruleset": {"family": render.FAMILY}}}, terse=True)
     listed = {
         str(i["set"]["name"])

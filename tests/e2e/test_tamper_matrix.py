@@ -67,6 +67,7 @@ TAMPERS = {
     ),
     "rogue counter": lambda rig: f"add counter {T} rogue_counter",
     "rogue map": lambda rig: f"add map {T} rogue_map {{ type ipv4_addr : verdict; }}",
+    "table made dormant": lambda rig: f"add table {T} {{ flags dormant; }}",
 }
 
 

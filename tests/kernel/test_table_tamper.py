@@ -84,6 +84,8 @@ TAMPERS: dict[str, tuple[str | Callable[[Rig], str], str]] = {
     ),
     "rogue counter": (f"add counter {T} rogue_counter", "rogue counter rogue_counter"),
     "rogue quota": (f"add quota {T} rogue_quota {{ 100 mbytes }}", "rogue quota rogue_quota"),
+    # Every chain of a dormant table is off: nothing protected is dropped any more.
+    "table made dormant": (f"add table {T} {{ flags dormant; }}", "table flags"),
 }
 
 

@@ -17,6 +17,7 @@ from agent.reconcile import element_differs
 from agent.rules import render
 from agent.rules.structure import (
     Rogue,
+    Structure,
     expected_structure,
     observed_structure,
     ranges_from_keys,
@@ -165,6 +166,14 @@ def test_the_table_is_compared_whole(case: str) -> None:
     expected = expected_structure(CFG)
     assert expected.missing_from(observed) == findings
     assert expected.rogue_in(observed) == rogue
+
+
+def test_a_dormant_table_is_a_finding() -> None:
+    observed = observed_structure(_listed(), CFG.table, _keys())
+    dormant = Structure(observed.chains, observed.sets, observed.rules, observed.objects, flags=1)
+    assert expected_structure(CFG).missing_from(dormant) == [
+        "table flags (dormant: every rule of it off)"
+    ]
 
 
 def test_a_repair_flushes_every_chain_before_deleting_and_renders_the_table_again() -> None:
