@@ -18,6 +18,7 @@ interval set. Never changes the table itself.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import FirewallConfig
+from agent.errors import KernelError
 from agent.rules import render
 from agent.rules.monitor import NFT_SET_ELEM_INTERVAL_END, set_element_keys, table_flags
 from agent.rules.nft import NftAdapter
@@ -311,12 +313,17 @@ def read_structure(nft: NftAdapter, table: str, interval_sets: Iterable[str] = (
     all again (and ``render_table``'s ``add table`` wakes the table).
     """
     flags = table_flags(table) or 0
-    if flags:
-        items = nft.query({"list": {"chains": {"family": render.FAMILY}}})
-        items += nft.query({"list": {"sets": {"family": render.FAMILY}}}, terse=True)
-        live = observed_structure(items, table)
-        return Structure(live.chains, live.sets, frozenset(), flags=flags)
-    items = nft.query({"list": {"ruleset": {"family": render.FAMILY}}}, terse=True)
+    try:
+        if flags:
+            items = nft.query({"list": {"chains": {"family": render.FAMILY}}})
+            items += nft.query({"list": {"sets": {"family": render.FAMILY}}}, terse=True)
+            live = observed_structure(items, table)
+            return Structure(live.chains, live.sets, frozenset(), flags=flags)
+        items = nft.query({"list": {"ruleset": {"family": render.FAMILY}}}, terse=True)
+    except ValueError as exc:
+        # Text that is not JSON (as nft 1.0.6 prints a dormant table): a failed check that is
+        # retried, never an exception that could end the verification loop.
+        raise KernelError("unreadable_listing", errno.EPROTO, f"nft listed no JSON: {exc}") from exc
     listed = {
         str(i["set"]["name"])
         for i in items

@@ -6,14 +6,16 @@ finds nothing; the allowed entry and the other owner's table stay as they were."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from tablekit import OTHER_TABLE, Rig
 
 from agent.engine import Engine
+from agent.errors import KernelError
 from agent.model import AllowEntry
 from agent.reconcile import FULL, STRUCTURE, Convergence, converge_task
 from agent.rules.render import element_comment
@@ -135,3 +137,16 @@ def test_a_change_by_hand_anywhere_in_the_table_is_found_and_repaired(
     assert listed[ALLOWED]["comment"] == _ALICE
     assert 590 <= listed[ALLOWED]["expires"] <= 600
     assert rig.other_table() == other
+
+
+class _GarbledNft:
+    """An nft whose listing is not JSON (as nft 1.0.6 prints a dormant table)."""
+
+    def query(self, command: dict[str, Any], *, terse: bool = False) -> list[dict[str, Any]]:
+        raise json.JSONDecodeError("Expecting value", '{"flags": ', 10)
+
+
+def test_a_listing_that_is_not_json_fails_the_check_with_a_reason(rig: Rig) -> None:
+    with pytest.raises(KernelError) as failed:
+        rig.lab.srv.call(read_structure, cast(Any, _GarbledNft()), "vicifast")
+    assert failed.value.reason == "unreadable_listing"
