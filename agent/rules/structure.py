@@ -21,9 +21,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import FirewallConfig
 from agent.errors import KernelError
@@ -31,6 +31,7 @@ from agent.rules import render
 from agent.rules.monitor import NFT_SET_ELEM_INTERVAL_END, set_element_keys, table_flags
 from agent.rules.nft import NftAdapter
 
+_T = TypeVar("_T")
 ChainShape = tuple[str, str, int, str]  # name, hook ("" for regular), prio, policy
 SetShape = tuple[str, str, int, tuple[str, ...]]  # name, type, size, flags
 Ranges = tuple[tuple[int, int], ...]  # merged [first, end) address ranges, ascending
@@ -311,9 +312,11 @@ def read_structure(nft: NftAdapter, table: str, interval_sets: Iterable[str] = (
     it off) cannot be listed as JSON by nft 1.0.6; its chains and sets are then read with the
     listings that do not print the table, and its rules are not read: the repair writes them
     all again (and ``render_table``'s ``add table`` wakes the table).
+
+    Raises ``KernelError`` (``unreadable_listing``) when a listing or a netlink dump fails.
     """
-    flags = table_flags(table) or 0
     try:
+        flags = _netlink(table_flags, table) or 0
         if flags:
             items = nft.query({"list": {"chains": {"family": render.FAMILY}}})
             items += nft.query({"list": {"sets": {"family": render.FAMILY}}}, terse=True)
@@ -329,8 +332,20 @@ def read_structure(nft: NftAdapter, table: str, interval_sets: Iterable[str] = (
         for i in items
         if "set" in i and i["set"].get("table") == table and i["set"].get("family") == "inet"
     }
-    keys = {name: set_element_keys(table, name) for name in interval_sets if name in listed}
+    keys = {
+        name: _netlink(set_element_keys, table, name) for name in interval_sets if name in listed
+    }
     return observed_structure(items, table, keys)
+
+
+def _netlink(dump: Callable[..., _T], *args: str) -> _T:
+    """One netlink read; its failure (ENOBUFS, EMFILE ...) as a failed check with a reason."""
+    try:
+        return dump(*args)
+    except OSError as exc:
+        raise KernelError(
+            "unreadable_listing", exc.errno or 0, f"netlink dump failed: {exc.strerror or exc}"
+        ) from exc
 
 
 def interval_sets(cfg: FirewallConfig) -> tuple[str, ...]:
