@@ -67,6 +67,12 @@ def format_status(s: dict[str, Any]) -> str:
             f"valid for at most {c['max_window_s']} s"
         )
     lines.append(_format_loops(s.get("loops") or {}))
+    if s.get("repair_storm"):
+        lines.append(
+            f"  UNHEALTHY:     {s.get('drift_repairs_last_minute', 0)} drift repairs in the last "
+            "minute: something keeps changing the table back (a second agent on this table, "
+            "or a firewall reloading in a loop?)"
+        )
     if not s["shadowing"]:
         lines.append("  shadowing:     none")
     for sh in s["shadowing"]:

@@ -163,11 +163,14 @@ class Status:
     resync_required: bool
     shadowed: bool
     stalled: tuple[str, ...] = ()  # supervised loops without progress within their deadline
+    repair_storm: bool = False
 
     def line(self) -> str:
         parts = [f"{self.entries} entries", "in sync" if self.in_sync else "NOT in sync"]
         if self.stalled:
             parts.append(f"STALLED: {', '.join(self.stalled)} (watchdog not fed)")
+        if self.repair_storm:
+            parts.append("UNHEALTHY: drift repairs keep coming (another agent on this table?)")
         if self.resync_required:
             parts.append("state rebuilt from the kernel, waiting for a Sync")
         if self.shadowed:
@@ -208,8 +211,9 @@ class Daemon:
 
     @property
     def in_sync(self) -> bool:
-        """The kernel's table was verified equal to the state, and the state is trustworthy."""
-        return self.verifier.in_sync and not self.resync_required
+        """The kernel's table was verified equal to the state, and the state is trustworthy; not
+        while something keeps changing the table back (a repair storm)."""
+        return self.verifier.in_sync and not self.resync_required and not self.verifier.repair_storm
 
     @property
     def shadowing(self) -> tuple[Shadow, ...]:
@@ -229,6 +233,7 @@ class Daemon:
             shadowing=bool(self.shadowing),
             flows_cut=self.engine.flows_cut,
             flow_cut_failures=self.engine.flow_cut_failures,
+            repair_storm=self.verifier.repair_storm,
         )
 
     def health(self) -> Health:
@@ -236,6 +241,8 @@ class Daemon:
             in_sync=self.in_sync,
             last_verified_at_ms=self.last_verified_at_ms,
             drift_repairs=self.drift_repairs,
+            recent_drift_repairs=self.verifier.recent_repairs,
+            repair_storm=self.verifier.repair_storm,
         )
 
     # --- start --------------------------------------------------------------------------------
@@ -367,7 +374,19 @@ class Daemon:
             aside,
             extra={"REASON": "store_corrupt"},
         )
-        return Store.open(path)
+        store = Store.open(path)
+        try:
+            version = store.resume_after_loss(int(time.time() * 1000))
+        except BaseException:
+            store.close()
+            raise
+        log.warning(
+            "state_version continues from %d; signed requests issued before now are refused "
+            "(issued_before_recovery)",
+            version,
+            extra={"REASON": "store_corrupt"},
+        )
+        return store
 
     def _startup_scope(self) -> Scope:
         stopped_at = self.store.take_stop_generation()
@@ -425,6 +444,7 @@ class Daemon:
             resync_required=self.resync_required,
             shadowed=bool(self.shadowing),
             stalled=self.supervision.stalled(),
+            repair_storm=self.verifier.repair_storm,
         )
 
     def _loop(self) -> None:

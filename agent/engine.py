@@ -269,6 +269,7 @@ class Engine:
         self._expected = 0  # requests in the last group (see agent.grouping)
         # EXPIRED events published since start (read by the metrics; only the writer adds).
         self.expiries = 0
+        self.replay_floor_ms = 0  # see ``load``
         # Conntrack flows of revoked sources cut, and cuts that failed, since start (likewise).
         self.flows_cut = 0
         self.flow_cut_failures = 0
@@ -285,6 +286,8 @@ class Engine:
             last_sync_issued_at_ms=self.store.last_sync_issued_at_ms() or 0,
             state_version=self.store.state_version(),
         )
+        # Signed requests issued before this are refused (a recovery lost the request log).
+        self.replay_floor_ms = self.store.replay_floor_ms()
         self._reset_deadlines()
         start = max(0, self.view.state_version - self._keep)
         page = self.store.events_since(start, self._keep)

@@ -2,10 +2,14 @@
 
 Owns convergence, the one path used for start-up (adopt a live table, settle a crash's pending
 intent), reboot restore, drift repair and periodic verification. "If it is in our table, it is
-ours": elements the store does not know are removed, and entries the store has but the kernel
-lost are restored with their remaining timeout; entries whose time passed become EXPIRED events
-and are never restored. A broken or missing structure is re-installed together with the restored
-elements in the same transaction, so allowed sources are never locked out in between; such a
+ours": elements the store does not know are removed, entries the store has but the kernel
+lost are restored with their remaining timeout, and elements re-added by hand with another
+timeout or comment are written again as the agent made them; entries whose time passed become
+EXPIRED events and are never restored. The rest of the table (chains, rules, sets, objects, the
+static sources' elements) is compared whole by ``agent.rules.structure``: whatever differs is
+rendered again and whatever the agent did not make is deleted. A broken or missing structure is
+re-installed together with the restored elements in the same transaction, so allowed sources
+are never locked out in between; such a
 structure repair is drift (logged, counted) but not an event: events and ``state_version`` move
 once per entry that changes. It never flushes the table, so entries keep working while the
 daemon restarts. The decision is pure (``plan_convergence``); ``converge`` reads and writes.
@@ -23,7 +27,12 @@ from dataclasses import dataclass, replace
 
 from agent.model import EntryKey, ObservedElement
 from agent.rules import render
-from agent.rules.structure import expected_structure, read_structure
+from agent.rules.structure import (
+    expected_structure,
+    interval_sets,
+    read_structure,
+    render_repair,
+)
 from agent.rules.table import FirewallTable
 from agent.state import (
     LOCAL_PREFIX,
@@ -91,10 +100,26 @@ def startup_scope(stop_generation: int | None, generation: int | None, *, intent
     return UNCHANGED_STARTUP
 
 
+# How far an element's expiry in the kernel may be from its entry's before it counts as changed
+# by hand: the kernel lists whole seconds, and a restored element's timeout is rounded up.
+EXPIRY_TOLERANCE_MS = 5_000
+
+
+def element_differs(entry: Entry, seen: ObservedElement, now_ms: int) -> bool:
+    """Pure: whether the kernel's element of ``entry`` is not the one the agent wrote (another
+    comment, no timeout, or another expiry: re-added by hand)."""
+    if seen.timeout_s <= 0:
+        return True
+    if seen.comment != render.element_comment(entry.subject, entry.request_id, local=entry.local):
+        return True
+    return abs(now_ms + seen.expires_s * 1000 - entry.expires_at_ms) > EXPIRY_TOLERANCE_MS
+
+
 @dataclass(frozen=True, slots=True)
 class Convergence:
     restored: int = 0
     removed: int = 0
+    corrected: int = 0  # elements whose timeout or comment was changed by hand
     settled_intents: int = 0
     expired: int = 0
     structure_repaired: tuple[str, ...] = ()  # what of the structure was missing
@@ -106,7 +131,7 @@ class Convergence:
     @property
     def drift(self) -> bool:
         """Whether the kernel had drifted from the agent's state (and was repaired)."""
-        return bool(self.structure_repaired or self.restored or self.removed)
+        return bool(self.structure_repaired or self.restored or self.removed or self.corrected)
 
     def describe(self) -> str:
         parts = []
@@ -119,6 +144,7 @@ class Convergence:
             for n, what in (
                 (self.restored, "entries restored"),
                 (self.removed, "unknown elements removed"),
+                (self.corrected, "elements' timeout or comment restored"),
                 (self.expired, "expired"),
                 (self.settled_intents, "intents settled"),
             )
@@ -179,7 +205,8 @@ class Plan:
 
     ``upserts``/``removals``: pending intents rolled forward into the store, ``settled`` their
     events; ``missing``: entries to restore into the kernel; ``unknown``: elements to remove from
-    it; ``result.events``: one per entry that changed, numbered from the view's
+    it; ``altered``: entries whose element is there with another timeout or comment (written
+    again); ``result.events``: one per entry that changed, numbered from the view's
     ``state_version``.
     """
 
@@ -191,6 +218,7 @@ class Plan:
     missing: tuple[Entry, ...]
     unknown: tuple[ObservedElement, ...]
     result: Convergence
+    altered: tuple[Entry, ...] = ()
 
 
 SETTLED = "settled at start: the kernel had this change of an unanswered request"
@@ -258,6 +286,11 @@ def plan_convergence(
             if (k.profile, k.address.family) in checked_sets and k not in observed
         )
     unknown = tuple(o for k, o in observed.items() if k not in final.entries)
+    altered = tuple(
+        final.entries[k]
+        for k, o in observed.items()
+        if k in final.entries and element_differs(final.entries[k], o, now_ms)
+    )
     events = numbered([*settled, *expiry.events], view.state_version)
     version = view.state_version + len(events)
     # Made with their versions at once: a reboot restores 100,000 entries.
@@ -276,10 +309,22 @@ def plan_convergence(
         )
         for i, o in enumerate(unknown, 1)
     ]
+    version += len(unknown)
+    events += [
+        Event(
+            EventKind.DRIFT_REPAIRED,
+            now_ms,
+            e,
+            "timeout and comment restored: the element was changed by hand",
+            version + i,
+        )
+        for i, e in enumerate(altered, 1)
+    ]
     final.state_version = view.state_version + len(events)
     result = Convergence(
         restored=len(missing),
         removed=len(unknown),
+        corrected=len(altered),
         settled_intents=len(intents),
         expired=len(expiry.removals),
         structure_repaired=tuple(structure_repaired),
@@ -294,6 +339,7 @@ def plan_convergence(
         missing,
         unknown,
         result,
+        altered,
     )
 
 
@@ -311,11 +357,17 @@ def converge(
     all_sets = [(p.name, fam) for p in cfg.profiles for fam in (4, 6)]
     wanted = [s for s in all_sets if scope.sets is None or render.allow_set(*s) in scope.sets]
     readable = wanted
+    structure = None
     if scope.structure or scope.install:
-        live = read_structure(table.nft, cfg.table)
-        broken = expected_structure(cfg).missing_from(live)
+        live = read_structure(table.nft, cfg.table, interval_sets(cfg))
+        expected = expected_structure(cfg)
+        broken = expected.missing_from(live)
         absent = scope.install and not (live.chains or live.sets)
-        present = live.allow_sets()
+        rogue = expected.rogue_in(live)
+        structure = render_repair(cfg, live, rogue)
+        # An allow set deleted to be made again (its type or flags were changed) loses its
+        # elements: they are restored in the same transaction, like those of a lost set.
+        present = live.allow_sets() - set(rogue.sets)
         if broken:
             # A lost set lost its elements with it: compare every set, reading those still there.
             wanted = all_sets
@@ -327,10 +379,10 @@ def converge(
         view, observed, checked=checked, now_ms=now_ms, intents=intents, structure_repaired=broken
     )
 
-    elements = [element_for(e, now_ms) for e in plan.missing]
+    elements = [element_for(e, now_ms) for e in (*plan.missing, *plan.altered)]
     removals = [o.key for o in plan.unknown]
     if scope.install or broken:
-        table.install_with(elements, removals, present=set(observed))
+        table.install_with(elements, removals, present=set(observed), structure=structure)
     elif elements or removals:
         table.apply(elements, removals, present=set(observed))
 

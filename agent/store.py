@@ -34,6 +34,11 @@ Entries are removed by the engine through a normal commit. Pending intents are l
 engine clears them on its next commit or at start). Deleted rows are overwritten with zeros
 (``secure_delete``) and the WAL is checkpointed and truncated after an erasure, so the erased
 text does not linger in free pages or old log frames of the files.
+
+A lost database must not take what replay protection and watchers rely on with it: every
+committed ``state_version`` stays below a ceiling kept in a file beside it
+(``agent.store_ceiling``), from which a fresh store resumes after a recovery
+(``resume_after_loss``), refusing requests issued before it (``replay_floor_ms``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Any
 
 from agent import store_schema
 from agent.errors import Unavailable
+from agent.store_ceiling import VersionCeiling
 from agent.store_records import (
     INTENT_OPS,
     AuditRecord,
@@ -71,6 +77,7 @@ from agent.store_records import (
 from agent.store_schema import (
     META_EVENTS_FLOOR,
     META_LAST_SYNC,
+    META_REPLAY_FLOOR,
     META_STATE_VERSION,
     META_STOP_GENERATION,
 )
@@ -430,6 +437,7 @@ class Store:
         self._write_lock = threading.Lock()
         self._busy_timeout_s = busy_timeout_s
         self._readers = _ReaderPool(path, busy_timeout_s)
+        self._ceiling = VersionCeiling(path)
 
     @classmethod
     def open(cls, path: Path, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Store:
@@ -746,6 +754,7 @@ class Store:
                 raise RecordError(
                     f"event version {batch.events[0].state_version} <= stored {current}"
                 )
+            self._cover(batch.state_version)
             self._write_batch(conn, batch)
             erased = _erase(conn, batch.erase) if batch.erase is not None else 0
             if ready is not None:
@@ -753,6 +762,38 @@ class Store:
         if batch.erase is not None:
             self._truncate_wal()
         return erased
+
+    def _cover(self, version: int) -> None:
+        try:
+            self._ceiling.cover(version)
+        except OSError as exc:
+            raise StoreError(
+                "store_failed", self._ceiling.path, f"cannot record the version ceiling: {exc}"
+            ) from exc
+
+    def replay_floor_ms(self) -> int:
+        """Signed requests issued before this (unix ms) are refused: see ``resume_after_loss``."""
+        with self._reading(one_statement=True) as conn:
+            return _meta(conn, META_REPLAY_FLOOR) or 0
+
+    def resume_after_loss(self, now_ms: int) -> int:
+        """Start this fresh store where a lost one left off; returns its first state_version.
+
+        The lost database took the request log with it, so a signed request accepted before
+        (a captured Allow, since revoked) could be applied again: every request issued before
+        ``now_ms`` is refused from now on (``replay_floor_ms``). Its versions are unknown too:
+        this store continues from the ceiling recorded beside it (``VersionCeiling``), with no
+        history below (a watcher from an older version is told RESYNC_REQUIRED).
+        """
+        version = self._ceiling.read()
+        with self._writing() as conn:
+            if (_meta(conn, META_STATE_VERSION) or 0) > version:
+                raise RecordError("resume_after_loss on a store that has versions of its own")
+            self._cover(version)
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?", (version, META_STATE_VERSION))
+            _raise_meta(conn, META_EVENTS_FLOOR, version)
+            _raise_meta(conn, META_REPLAY_FLOOR, now_ms)
+        return version
 
     @staticmethod
     def _write_batch(conn: sqlite3.Connection, batch: CommitBatch) -> None:

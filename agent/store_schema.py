@@ -20,6 +20,9 @@ META_EVENTS_FLOOR = "events_floor"
 # The kernel's ruleset generation when the daemon last stopped cleanly; taken (read and
 # deleted) at the next start, so it speaks for one stop only.
 META_STOP_GENERATION = "kernel_generation_at_stop"
+# After a recovery from a lost database: signed requests issued before this (unix ms) are
+# refused, since the lost request log can no longer tell a replay from a new request.
+META_REPLAY_FLOOR = "replay_floor_ms"
 
 _V1 = (
     """

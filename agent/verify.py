@@ -4,9 +4,12 @@ Owns the verification thread. It wakes on nf_tables change notifications (someon
 ``nft flush ruleset``, ``systemctl reload nftables``, deleted the table, a set, a rule or an
 element) and repairs at once; a periodic check (``[verify] interval_s``) is the backstop. Both
 go through ``reconcile.converge`` as a task on the engine's writer thread, so a repair never
-races a request. The periodic check is cheap (chains, terse sets, a netlink rule count); every
-element is compared only when notifications say a set changed, were lost, or once per
-``[verify] elements_interval_s``: listing 100,000 elements costs over a second of CPU.
+races a request. Every check, periodic or woken by a notification, compares the whole table
+but the allow sets' elements (chains, rules, sets, objects, static sources: a terse listing and
+a few small netlink dumps, ~1 ms with 100,000 entries); the allow elements (with their
+timeouts and comments) are compared when notifications say their set changed or were lost,
+and once per ``[verify] elements_interval_s``: listing 100,000 elements costs over a second of
+CPU, and the kernel reports every change of an element to the listener.
 
 It also keeps the coexistence report (other tables' chains that would drop what the agent
 allows) fresh: at start, when another table changes, and with each periodic check.
@@ -16,6 +19,14 @@ Readers on other threads (metrics, GetState, the local socket) use the plain att
 ``drift_repairs`` counts repairs after start-up, structure-only ones included; those raise no
 event (events and ``state_version`` are per entry), so this counter is where they show.
 Never flushes or touches another table.
+
+A repair now and then is a sysadmin's slip; repairs that keep coming mean something keeps
+changing the table back - most often a second agent (another state directory, the same
+table) or a firewall manager reloading in a loop, each undoing the other's work many times a
+second. ``RepairRate`` counts repairs over the last ``STORM_WINDOW_S``; from ``STORM_REPAIRS``
+on the verifier reports ``repair_storm`` (the status line, the local ``status``, the
+``vicifast_agent_drift_repair_storm`` metric and its alert) and logs it once
+(``REASON=repair_storm``), and again when it has calmed down.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from agent.engine import Engine
@@ -40,6 +52,35 @@ from agent.supervise import HEARTBEAT_S, Supervision
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE_S = 1.0
+# Repairs within this many seconds, and how many of them make a storm: a sysadmin's flush or a
+# few `systemctl reload nftables` stay well below; two agents fighting reach it in a second.
+STORM_WINDOW_S = 60.0
+STORM_REPAIRS = 30
+
+
+class RepairRate:
+    """Pure: repairs in the last ``window_s`` seconds, from the times they happened (passed in,
+    monotonic seconds). Keeps at most one time per repair of the window."""
+
+    def __init__(self, window_s: float = STORM_WINDOW_S, storm: int = STORM_REPAIRS) -> None:
+        self.window_s = window_s
+        self.storm = storm
+        self._times: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+        self._forget(now)
+
+    def count(self, now: float) -> int:
+        self._forget(now)
+        return len(self._times)
+
+    def stormy(self, now: float) -> bool:
+        return self.count(now) >= self.storm
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window_s:
+            self._times.popleft()
 
 
 class Verifier:
@@ -63,6 +104,9 @@ class Verifier:
         self.elements_interval_s = elements_interval_s
         self.on_change = on_change
         self.drift_repairs = 0
+        self.rate = RepairRate()
+        self._rate_lock = threading.Lock()
+        self._storm_logged = False
         self.last_verified_at_ms = 0
         self.in_sync = True
         self.last_error = ""
@@ -105,12 +149,43 @@ class Verifier:
         self.last_error = ""
         if conv.drift and not startup:
             self.drift_repairs += 1
-            log.warning(
-                "drift repaired: %s",
-                conv.describe(),
-                extra={"REASON": "drift_repaired"},
-            )
+            with self._rate_lock:
+                self.rate.add(time.monotonic())
+            # During a storm each repair is not logged again (tens a second): the storm is,
+            # once, and the counters go on.
+            if not self._storm_logged:
+                log.warning(
+                    "drift repaired: %s",
+                    conv.describe(),
+                    extra={"REASON": "drift_repaired"},
+                )
+        self._log_storm()
         self.on_change()
+
+    @property
+    def recent_repairs(self) -> int:
+        """Repairs within the last ``STORM_WINDOW_S`` (any thread may read it)."""
+        with self._rate_lock:
+            return self.rate.count(time.monotonic())
+
+    @property
+    def repair_storm(self) -> bool:
+        """Whether repairs keep coming: something keeps changing the table back."""
+        return self.recent_repairs >= self.rate.storm
+
+    def _log_storm(self) -> None:
+        storm = self.repair_storm
+        if storm and not self._storm_logged:
+            log.error(
+                "%d drift repairs in the last %.0f s: something keeps changing the agent's table "
+                "(a second agent on the same table, or a firewall reloading in a loop?)",
+                self.recent_repairs,
+                self.rate.window_s,
+                extra={"REASON": "repair_storm"},
+            )
+        elif self._storm_logged and not storm:
+            log.warning("drift repairs have calmed down", extra={"REASON": "repair_storm"})
+        self._storm_logged = storm
 
     def verify(self, scope: Scope) -> Convergence | None:
         """Run one convergence on the engine's writer thread; None if it failed (logged)."""

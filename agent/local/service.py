@@ -164,6 +164,8 @@ class LocalService:
             "last_verified_at_ms": h.last_verified_at_ms,
             "drift_repairs": h.drift_repairs,
             "loops": self.loops(),
+            "drift_repairs_last_minute": h.recent_drift_repairs,
+            "repair_storm": h.repair_storm,
             "shadowing": [_shadow_json(s) for s in self.shadowing()],
             "table": f"inet {cfg.firewall.table}",
             "listen": {
@@ -247,6 +249,17 @@ class LocalService:
                 )
             )
         checks.append(check_loops(self.loops()))
+        if h.repair_storm:
+            checks.append(
+                doctor.Check(
+                    "drift",
+                    doctor.Level.PROBLEM,
+                    f"{h.recent_drift_repairs} drift repairs in the last minute: something keeps "
+                    "changing the agent's table back",
+                    "look for a second vicifast-agent on this table (another state directory) "
+                    "or a firewall reloading in a loop: journalctl REASON=drift_repaired",
+                )
+            )
         checks += doctor.check_state_dir(cfg.state.directory, owner=current_user())
         checks += doctor.check_certificates(cfg.api, dt.datetime.fromtimestamp(now_s, dt.UTC))
         checks += doctor.check_readiness(cfg)

@@ -117,6 +117,12 @@ class StateCollector(Collector):
             "Repairs of the agent's table or entries after someone else changed them.",
             value=status.drift_repairs,
         )
+        yield GaugeMetricFamily(
+            PREFIX + "drift_repair_storm",
+            "1 while drift repairs keep coming (30 or more within a minute): something keeps "
+            "changing the agent's table back, e.g. a second agent on the same table, else 0.",
+            value=int(status.repair_storm),
+        )
         yield CounterMetricFamily(
             PREFIX + "expiries",
             "Allow entries that reached the end of their timeout and were removed.",

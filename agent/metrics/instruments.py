@@ -51,6 +51,8 @@ AUTH_REASONS = (
     "window_too_long",
     "request_not_yet_valid",
     "request_expired",
+    # the store was recovered from a damaged database (agent.rpc.service)
+    "issued_before_recovery",
     # the local socket (agent.local.access)
     "local_peer_not_allowed",
     "local_root_only",

@@ -32,6 +32,8 @@ class SourceStatus:
     shadowing: bool
     flows_cut: int
     flow_cut_failures: int
+    # Drift repairs keep coming (``agent.verify.RepairRate``): something fights over the table.
+    repair_storm: bool = False
 
     def __post_init__(self) -> None:
         totals = (self.drift_repairs, self.expiries, self.flows_cut, self.flow_cut_failures)

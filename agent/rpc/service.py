@@ -175,6 +175,8 @@ class Health:
     in_sync: bool = True
     last_verified_at_ms: int = 0
     drift_repairs: int = 0
+    recent_drift_repairs: int = 0  # within the last minute (``agent.verify.RepairRate``)
+    repair_storm: bool = False  # they keep coming: something fights over the table
 
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -332,6 +334,14 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
             envelope, rpc.message_type, s.trust, int(self.clock() * 1000)
         )
         notes.request_id = opened.header.request_id  # checked by open_envelope
+        if opened.header.issued_at_ms < self.engine.replay_floor_ms:
+            # The request log was lost with a damaged database: a request from before the
+            # recovery may have been applied already (a replay cannot be told apart).
+            raise Unauthenticated(
+                "issued_before_recovery",
+                f"issued_at {opened.header.issued_at_ms} is before the state was recovered "
+                f"({self.engine.replay_floor_ms}); sign it again",
+            )
         meta = RequestMeta(
             request_id=opened.header.request_id,
             rpc=rpc.name,

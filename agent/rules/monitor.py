@@ -4,13 +4,20 @@ Owns the netlink sockets the lifecycle needs besides libnftables: a listener on 
 ``NFNLGRP_NFTABLES`` multicast group (what ``nft monitor`` reads) and a one-shot rule dump of one
 table. It only reads; it never changes the ruleset.
 
-A committed transaction's notifications arrive before its ``NEWGEN`` message, which names the
-process (thread id) that committed it. Each message is therefore folded into a summary of its
-generation as it arrives (nothing is kept), and at the ``NEWGEN`` the summary is reported as a
-``Touch`` of the agent's table, or dropped when the committer is a thread of this process. That
-NEWGEN's header also names the committing socket's port, so from the agent's first own
-transaction on, its later notifications are dropped unread. If the socket overflowed (ENOBUFS),
-what was lost is unknown and the touch says so.
+A committed transaction's notifications arrive before its ``NEWGEN`` message, whose header
+names the netlink port of the socket that committed it. Each message is therefore folded into a
+summary of its generation as it arrives (nothing is kept), and at the ``NEWGEN`` the summary is
+reported as a ``Touch`` of the agent's table, or dropped when that port is a socket of this
+process (``OwnSockets``); from the agent's first own transaction on, the later notifications of
+that port are dropped unread. If the socket overflowed (ENOBUFS), what was lost is unknown and
+the touch says so.
+
+The committer is recognised by its socket, not by the thread id the NEWGEN also carries
+(``NFTA_GEN_PROC_PID``): the kernel writes the thread's id as the initial PID namespace sees it
+(``task_pid_nr``), so inside a container (LXC, nspawn, ``unshare --pid``) that id is not one
+this process can see, and its own commits would look foreign (and a foreign committer's host
+id could even match one of its own thread ids). Port ids are per network namespace, the same
+from inside any PID namespace.
 
 Even dropped unread, notifications cost: while anyone listens, the kernel builds one per element
 of every commit, in the committer's time, and this process receives each (a 100,000-element
@@ -60,6 +67,8 @@ _ATTR_TABLE = 1
 _ATTR_SET = 2
 _GEN_ID = 1
 _GEN_PID = 2
+# /proc/<tid>/net/netlink: one socket a line; the columns used (protocol, port id, inode).
+_NETLINK_PROTOCOL, _NETLINK_PORT, _NETLINK_INODE = 1, 2, 9
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
@@ -186,9 +195,58 @@ class GenerationSummary:
         return Touch(self.structure, frozenset(self.sets), elsewhere=self.elsewhere)
 
 
-def own_thread(tid: int) -> bool:
-    """Whether ``tid`` (a NEWGEN's committer) is a thread of this process."""
-    return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
+def generation_port(data: bytes, start: int) -> int:
+    """The netlink port of the socket that committed the generation a ``NEWGEN`` announces."""
+    return int(_NLMSGHDR.unpack_from(data, start)[4])
+
+
+def netlink_socket_inodes(listing: str, port: int) -> set[int]:
+    """Pure: inodes of the nf_tables sockets bound to ``port`` in a /proc/net/netlink listing."""
+    found = set()
+    for line in listing.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) <= _NETLINK_INODE or not cols[_NETLINK_PORT].isdigit():
+            continue
+        if int(cols[_NETLINK_PROTOCOL]) == NETLINK_NETFILTER and int(cols[_NETLINK_PORT]) == port:
+            found.add(int(cols[_NETLINK_INODE]))
+    return found
+
+
+class OwnSockets:
+    """Tells whether a netlink port of one network namespace is a socket of this process.
+
+    The namespace is the creating thread's: its socket list (``/proc/thread-self/net/netlink``)
+    is opened then and re-read later from any thread. A port is this process's when the socket
+    bound to it is one of this process's open descriptors. Costs one read of that list and one
+    ``readlink`` per open descriptor; callers remember the ports found to be their own.
+    """
+
+    def __init__(self) -> None:
+        self._listing = os.open("/proc/thread-self/net/netlink", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self._listing)
+
+    def __call__(self, port: int) -> bool:
+        if port == 0:
+            return False  # the kernel's own sockets, and sockets not bound yet
+        inodes = netlink_socket_inodes(self._read_listing(), port)
+        if not inodes:
+            return False
+        wanted = {f"socket:[{inode}]" for inode in inodes}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                if os.readlink(f"/proc/self/fd/{fd}") in wanted:
+                    return True
+        return False
+
+    def _read_listing(self) -> str:
+        chunks = []
+        offset = 0
+        while chunk := os.pread(self._listing, 1 << 16, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks).decode("ascii", "replace")
 
 
 @dataclass
@@ -196,11 +254,14 @@ class NftMonitor:
     """Listens to nf_tables notifications in the calling thread's network namespace."""
 
     table: str
-    is_own: Callable[[int], bool] = own_thread
+    # Whether a NEWGEN's committing port is a socket of this process; by default the sockets of
+    # the creating thread's network namespace (``OwnSockets``).
+    is_own: Callable[[int], bool] | None = None
     sock: socket.socket = field(init=False)
     _summary: GenerationSummary = field(init=False)
     # Netlink port ids of the sockets this process commits from (learnt from its own NEWGEN
     # headers): their notifications are dropped on arrival instead of kept until the NEWGEN.
+    # Remembered for good: the agent's libnftables context keeps its socket for its lifetime.
     _own_ports: set[int] = field(init=False, default_factory=set)
     _buffer: bytearray = field(init=False, default_factory=lambda: bytearray(1 << 20))
     # The newest generation whose notifications were all read (a NEWGEN comes last), or the
@@ -210,9 +271,13 @@ class NftMonitor:
     _pending: Touch = field(init=False, default_factory=Touch)
     _alarm: tuple[int, int] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _sockets: OwnSockets | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._summary = GenerationSummary(self.table)
+        if self.is_own is None:
+            self._sockets = OwnSockets()
+            self.is_own = self._sockets
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             try:
@@ -225,6 +290,8 @@ class NftMonitor:
             self._alarm = os.pipe()
         except BaseException:
             self.sock.close()
+            if self._sockets is not None:
+                self._sockets.close()
             raise
 
     def close(self) -> None:
@@ -232,6 +299,8 @@ class NftMonitor:
             self.sock.close()
             for fd in self._alarm:
                 os.close(fd)
+            if self._sockets is not None:
+                self._sockets.close()
 
     @contextlib.contextmanager
     def not_listening(self) -> Iterator[None]:
@@ -332,11 +401,17 @@ class NftMonitor:
                     self._summary.add(data, kind, start, end)
                     continue
                 self._generation = generation_id(data, start, end)
-                if self.is_own(generation_pid(data, start, end)):
-                    self._own_ports.add(_NLMSGHDR.unpack_from(data, start)[4])
-                else:
+                if not self._committed_by_us(generation_port(data, start)):
                     touch = touch.merge(self._summary.touch())
                 self._summary = GenerationSummary(self.table)
+
+    def _committed_by_us(self, port: int) -> bool:
+        if port in self._own_ports:
+            return True
+        if self.is_own is not None and self.is_own(port):
+            self._own_ports.add(port)
+            return True
+        return False
 
 
 def _query(kind: int, flags: int, body: bytes) -> Iterator[tuple[int, bytes, int, int]]:
@@ -383,6 +458,68 @@ def count_rules(table: str, family: int = NFPROTO_INET) -> dict[str, int]:
                 chain = _string(attrs.get(2, b""))
                 counts[chain] = counts.get(chain, 0) + 1
     return counts
+
+
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+_TABLE_FLAGS = 2
+NFT_MSG_GETSETELEM = 13
+NFT_SET_ELEM_INTERVAL_END = 0x1
+_ELEM_LIST_ELEMENTS = 3
+_LIST_ELEM = 1
+_ELEM_KEY = 1
+_ELEM_FLAGS = 3
+_DATA_VALUE = 1
+
+
+def _name_attr(kind: int, name: str) -> bytes:
+    raw = name.encode() + b"\0"
+    attr = _NLATTR.pack(_NLATTR.size + len(raw), kind) + raw
+    return attr + b"\0" * (-len(attr) % 4)
+
+
+def set_element_keys(
+    table: str, set_name: str, family: int = NFPROTO_INET
+) -> list[tuple[bytes, int]]:
+    """(key, flags) of every element of ``<family> <table> <set_name>``, from one netlink dump.
+
+    Meant for the small interval sets of static sources: libnftables would list more than the
+    one set (nft 1.0.6 fetches sets it was not asked for). An absent set dumps nothing.
+    """
+    body = (
+        _NFGENMSG.pack(family, 0, 0)
+        + _name_attr(_ATTR_TABLE, table)
+        + _name_attr(_ATTR_SET, set_name)
+    )
+    found: list[tuple[bytes, int]] = []
+    for kind, data, start, end in _query(NFT_MSG_GETSETELEM, NLM_F_DUMP, body):
+        if kind != NFT_MSG_NEWSETELEM:
+            continue
+        for attr, value in _attrs(data, start + _HEADER_LEN, end):
+            if attr != _ELEM_LIST_ELEMENTS:
+                continue
+            for item, elem in _attrs(value, 0, len(value)):
+                if item != _LIST_ELEM:
+                    continue
+                fields = dict(_attrs(elem, 0, len(elem)))
+                key = dict(_attrs(fields.get(_ELEM_KEY, b""), 0, len(fields.get(_ELEM_KEY, b""))))
+                flags = fields.get(_ELEM_FLAGS, b"\0\0\0\0")
+                found.append((key.get(_DATA_VALUE, b""), int(struct.unpack("!I", flags[:4])[0])))
+    return found
+
+
+def table_flags(table: str, family: int = NFPROTO_INET) -> int | None:
+    """The flags of ``<family> <table>`` (``NFT_TABLE_F_DORMANT`` = 1: its chains are off), or
+    None when it is absent. Read here because nft 1.0.6 cannot list a dormant table as JSON:
+    its answer stops in the middle of the table's flags."""
+    body = _NFGENMSG.pack(family, 0, 0) + _name_attr(_ATTR_TABLE, table)
+    for kind, data, start, end in _query(NFT_MSG_GETTABLE, 0, body):
+        if kind == NFT_MSG_NEWTABLE:
+            for attr, value in _attrs(data, start + _HEADER_LEN, end):
+                if attr == _TABLE_FLAGS and len(value) >= 4:
+                    return int(struct.unpack("!I", value[:4])[0])
+            return 0
+    return None
 
 
 def ruleset_fingerprint() -> int:

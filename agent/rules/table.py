@@ -330,8 +330,12 @@ class FirewallTable:
         removals: Sequence[EntryKey] = (),
         *,
         present: Collection[EntryKey],
+        structure: Sequence[render.Command] | None = None,
     ) -> None:
         """The table's structure and an element change in ONE transaction.
+
+        ``structure`` is the batch that repairs it (default: ``render_table``, which keeps
+        everything it does not name).
 
         Used to restore a flushed or partly deleted table: the rules never exist without the
         entries they should admit. ``present`` must be a fresh read-back; if the batch still
@@ -339,19 +343,22 @@ class FirewallTable:
         and the elements are applied with a fresh read-back.
         """
         plan = plan_changes(upserts, removals, present)
-        structure = render.encode_commands(render.render_table(self.cfg))
+        structure_text = render.encode_commands(
+            render.render_table(self.cfg) if structure is None else structure
+        )
         if plan.empty:
-            self.nft.apply(structure)
+            self.nft.apply(structure_text)
             return
         destroy = bool(self.features and self.features.destroy_supported)
         elements = render.encode_element_batch(
             self.cfg.table, deletes=plan.deletes, creates=plan.creates, destroy=destroy
         )
         head = '{"nftables":['
-        if not (structure.startswith(head) and elements.startswith(head)):
+        if not (structure_text.startswith(head) and elements.startswith(head)):
             raise AssertionError("unexpected batch encoding")  # pragma: no cover
+        batch = structure_text[:-2] + "," + elements[len(head) :]
         try:
-            self._apply_elements((structure[:-2] + "," + elements[len(head) :]).encode(), plan)
+            self._apply_elements(batch.encode(), plan)
         except ElementConflict:
-            self.nft.apply(structure)
+            self.nft.apply(structure_text)
             self.apply(upserts, removals)

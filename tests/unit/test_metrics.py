@@ -191,6 +191,8 @@ def test_entries_expiring_within_the_hour(expires_in_ms: int, counted: int) -> N
         (replace(STATUS, expiries=41), "vicifast_agent_expiries_total", 41),
         (replace(STATUS, flows_cut=7), "vicifast_agent_flows_cut_total", 7),
         (replace(STATUS, flow_cut_failures=2), "vicifast_agent_flow_cut_failures_total", 2),
+        (STATUS, "vicifast_agent_drift_repair_storm", 0),
+        (replace(STATUS, repair_storm=True), "vicifast_agent_drift_repair_storm", 1),
     ],
     ids=[
         "in-sync",
@@ -202,6 +204,8 @@ def test_entries_expiring_within_the_hour(expires_in_ms: int, counted: int) -> N
         "expiries",
         "flows-cut",
         "flow-cut-failures",
+        "no-repair-storm",
+        "repair-storm",
     ],
 )
 def test_daemon_status_figures(status: SourceStatus, name: str, value: float) -> None:

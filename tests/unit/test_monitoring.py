@@ -75,6 +75,7 @@ HEALTHY = {
     f"{P}memory_limit_bytes": f"{768 * 2**20}x120",
     "process_open_fds": "40x120",
     "process_max_fds": "65536x120",
+    f"{P}drift_repair_storm": "0x120",
 }
 
 
@@ -190,6 +191,18 @@ CASES = [
         {f"{P}flow_cut_failures_total": "0 0 0 1x120"},
         "5m",
         ["VicifastAgentFlowCutsFailing"],
+    ),
+    Case(
+        "two agents fight over the table",
+        {f"{P}drift_repair_storm": "0 0 1x120"},
+        "5m",
+        ["VicifastAgentRepairStorm"],
+    ),
+    Case(
+        "a minute of many repairs is no storm alert yet",
+        {f"{P}drift_repair_storm": "0 0 1 0x120"},
+        "5m",
+        [],
     ),
 ]
 
