@@ -59,7 +59,6 @@ EXIT_STORE_UNUSABLE = 78
 # The writer loop counts as alive if it turned within this many seconds (it turns every TICK_S
 # when idle; a request group or a repair holds it for longer).
 WRITER_STALE_S = 2 * TICK_S + 0.5
-JOURNAL_FIELDS = ("REQUEST_ID", "CALLER", "RPC", "REASON")
 
 
 def _notify(message: str) -> None:
@@ -79,11 +78,13 @@ def watchdog_interval_s() -> float | None:
 
 
 class _FieldsFormatter(logging.Formatter):
-    """stderr format: the message, then the structured fields journald would get."""
+    """stderr format: the message, then the structured fields journald would get (every
+    upper-case record attribute, as ``JournalHandler`` sends them), so what reaches stderr -
+    and the tests reading it - is what reaches the journal."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = [f"{k}={getattr(record, k)!r}" for k in JOURNAL_FIELDS if hasattr(record, k)]
+        fields = [f"{k}={v!r}" for k, v in sorted(vars(record).items()) if k.isupper()]
         return f"{text} [{' '.join(fields)}]" if fields else text
 
 
