@@ -10,8 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 from agent import __version__, admin
+from agent.cli_contract import EXIT_TABLE, CliParser, Exit, Failure, exit_epilog
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from agent.ctl.commands import add_commands as add_ctl_commands
 from agent.ctl.connection import connection_file_text
@@ -25,13 +27,12 @@ def _check_config(args: argparse.Namespace) -> int:
         cfg = load_config(path)
         trusted_keys_from_config(cfg.signing.trusted_keys)  # base64 Ed25519 keys, named by key
     except ConfigError as exc:
+        failure = Failure(exc.reason, exc.detail, Exit.NO, extra={"key": exc.key})
         if args.json:
-            print(
-                json.dumps({"ok": False, "path": str(path), "key": exc.key, "error": exc.message})
-            )
+            print(json.dumps({"ok": False, "path": str(path), **failure.to_json()}))
         else:
             print(f"{path}: INVALID: {exc.detail}", file=sys.stderr)
-        return 1
+        return Exit.NO
     summary = {
         "ok": True,
         "path": str(path),
@@ -120,19 +121,50 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+_TOP_EPILOG = exit_epilog(
+    tuple(EXIT_TABLE),
+    heading="exit status of every command (each COMMAND --help lists its own):",
+    footer="run (the daemon): 0 stopped, 1 cannot start, 78 state directory unusable.",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="vicifast-agent",
         description="Firewall-orchestration agent for VICIdial hosts.",
+        epilog=_TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"vicifast-agent {__version__}")
+    # Subcommands are CliParsers too (argparse makes them of the parent's class).
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(metavar="COMMAND"),
+    )
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file the way the daemon loads it (the unit runs"
+        " this before every start); an error names the key and the fix.",
+        epilog=exit_epilog(
+            (Exit.OK, Exit.NO, Exit.USAGE), {Exit.NO: "the file is invalid (the key is named)"}
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", nargs="?", default=str(DEFAULT_CONFIG_PATH))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_check_config)
 
-    p = sub.add_parser("run", help="run the daemon (systemd starts this)")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon (systemd starts this)",
+        description="Run the daemon in the foreground. Under systemd it logs to the journal"
+        " with structured fields; otherwise to stderr, each line followed by those fields.",
+        epilog="exit status:\n    0  stopped (SIGTERM)\n    1  cannot start (the log says why)\n"
+        "   78  the state directory cannot be used (not restarted by the unit)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     p.set_defaults(handler=_run)
 
@@ -143,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         " client.crt/client.key, signing.key, config-snippet.toml (the agent's [api] and"
         " [signing.trusted_keys]) and ctl.toml (a `ctl --connection` file) into DIRECTORY."
         " Existing files of these names are replaced. Never use this material in production.",
+        epilog=exit_epilog((Exit.OK, Exit.USAGE)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("directory", metavar="DIRECTORY")
     p.add_argument("--agent-id", default="dev-agent", help="the agent's id (default dev-agent)")
@@ -155,8 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_dev_pki)
 
-    p = sub.add_parser("version", help="print the version")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "version",
+        help="print the version (also: vicifast-agent --version)",
+        description="Print this program's version; `status` shows the running daemon's.",
+        epilog=exit_epilog((Exit.OK, Exit.USAGE)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_version)
 
     add_ctl_commands(sub)
