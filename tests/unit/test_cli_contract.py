@@ -257,3 +257,17 @@ def test_the_man_page_exit_status_is_the_table(monkeypatch: pytest.MonkeyPatch) 
     section = page.split(".SH EXIT STATUS", 1)[1].split(".SH", 1)[0]
     for code in EXIT_TABLE:
         assert re.search(rf"^\.IP {int(code)}$", section, re.M), code
+
+
+def test_check_config_says_no_with_exit_1_and_the_same_error_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text('agent_id = "a"\n[api]\nlisten = "nope"\n')
+    code, out, _ = run(["check-config", str(bad), "--json"], capsys)
+    assert code == Exit.NO == 1
+    answer = json.loads(out)
+    assert answer["ok"] is False
+    assert set(answer["error"]) >= ERROR_KEYS
+    assert (answer["error"]["reason"], answer["error"]["key"]) == ("invalid_config", "api.listen")
+    assert answer["error"]["exit_code"] == 1

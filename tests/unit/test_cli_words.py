@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from agent.__main__ import main
+from agent.errors import InvalidArgument
 from agent.local.client import LocalClient
+from agent.policy import AddressPolicy, normalize_address
 from agent.rpc.client import AgentClient, Entry
 from agent.terminal import counted, parse_duration, when
 
@@ -94,3 +96,21 @@ def test_ctl_allow_sends_the_duration_in_seconds(
     argv = ["ctl", "allow", "198.18.0.9", "--ttl", ttl, "--connection", str(tmp_path / "ctl.toml")]
     assert main(argv) == 130
     assert [e.ttl_seconds for e in signed] == [seconds]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("sip.example.com", "host names are not accepted"),
+        ("sip", "host names are not accepted"),
+        ("010.1.2.3", "leading zero"),
+        ("198.18.0", "four decimal octets"),
+        ("2001:db8::12345", "1 to 4 hex digits"),
+    ],
+)
+def test_an_address_mistake_is_named_in_plain_words(text: str, words: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        normalize_address(text, AddressPolicy(permit_test_ranges=True))
+    assert info.value.reason == "invalid_address"
+    assert words in info.value.detail
+    assert "junk" not in info.value.detail
