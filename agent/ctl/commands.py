@@ -118,8 +118,16 @@ def _cmd_allow(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    if bool(args.addresses) == bool(args.subject):
-        raise CtlError("bad_arguments", "give addresses or --subject, not both and not neither")
+    if not args.addresses and not args.subject:
+        raise CtlError(
+            "bad_arguments",
+            "nothing to revoke: give the ADDRESS(es) to revoke, or --subject S for all of S's",
+        )
+    if args.addresses and args.subject:
+        raise CtlError(
+            "bad_arguments",
+            "give ADDRESS... or --subject, not both (--subject revokes every entry of S)",
+        )
     return _apply(
         args,
         "Revoke",

@@ -193,16 +193,19 @@ def test_usage_errors_exit_2_with_the_one_error_shape(
         (["why", "198.18.0.9", "5060"], "PORT/PROTO such as 5060/udp"),
         (["revoke"], "nothing to revoke"),
         (["revoke", "198.18.0.9", "--subject", "carol"], "not both"),
+        (["ctl", "revoke", "--target", "127.0.0.1:1"], "nothing to revoke"),
+        (["ctl", "revoke", "198.18.0.9", "--subject", "c", "--target", "127.0.0.1:1"], "not both"),
         (["allow", "198.18.0.9", "--ttl", "1 hour"], "90m, 1h, 2d"),
     ],
 )
 def test_common_mistakes_get_clear_words(
     argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([*argv, "--socket", "/nonexistent"]) == Exit.USAGE
+    where = [] if argv[0] == "ctl" else ["--socket", "/nonexistent"]
+    assert main([*argv, *where]) == Exit.USAGE
     err = capsys.readouterr().err
     assert words in err
-    if argv[0] == "revoke" and len(argv) == 1:
+    if "nothing" in words:
         assert "not both" not in err
 
 
