@@ -33,6 +33,7 @@ from agent.config import AgentConfig, load_config
 from agent.engine import TICK_S, Engine
 from agent.errors import AgentError
 from agent.local.server import serve_local
+from agent.logprivacy import ExceptionsWithoutMessages
 from agent.metrics import SourceStatus, start_metrics
 from agent.reconcile import UNCHANGED_STARTUP, Scope, adopt_kernel, converge_task, startup_scope
 from agent.rpc.auth import CallerPolicy
@@ -103,6 +104,8 @@ def setup_logging() -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # No exception message reaches the log: it may name an address or a subject (privacy).
+    handler.addFilter(ExceptionsWithoutMessages())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
