@@ -5,14 +5,16 @@ itself, so a grant made here is ordered, recorded and reported like any other. O
 human-readable table by default and JSON with ``--json``. Only ``doctor`` works without the
 daemon, from files alone, and says so.
 
-Exit codes: 0 success; 1 ``why``: not admitted (or another table may drop it), ``doctor``:
-warnings; 2 ``doctor``: problems; 3 the daemon refused the request (the reason word is
-printed); 4 the daemon is not reachable.
+Exit codes and the shape of errors are the CLI's one contract (``agent.cli_contract``): 0
+success; 1 ``why``: not admitted (or another table may drop it), ``doctor``: warnings; 2 usage
+error; 3 the daemon refused the request (the reason word is printed); 4 the daemon is not
+reachable; 5 ``doctor``: problems.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -23,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import doctor
+from agent.cli_contract import Exit, Failure, exit_epilog, report
 from agent.config import DEFAULT_CONFIG_PATH, LocalConfig, load_config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InvalidArgument
 from agent.local.client import LocalCallError, LocalClient, LocalUnreachable
-from agent.terminal import printable, span, table, utc_iso
-
-EXIT_REFUSED = 3
-EXIT_UNREACHABLE = 4
-
+from agent.terminal import counted, parse_duration, printable, span, table, utc_iso, when
+from agent.why import parse_packet
 
 # --- pure rendering ----------------------------------------------------------------------------
 
@@ -94,20 +94,24 @@ def _format_loops(loops: dict[str, Any]) -> str:
 
 
 def format_entries(result: dict[str, Any]) -> str:
+    """One row per entry; EXPIRES is the UTC time and the time left (``2026-12-07T22:00:00Z
+    (in 59m 59s)``), as ``ctl state`` prints it."""
     entries = result["entries"]
+    now = int(result["now_ms"])
     rows = [
         [
             e["address"],
             e["profile"],
             printable(e["subject"]),
-            span(int(e["expires_in_s"])),
+            when(int(e["expires_at_ms"]), now),
             e["source"],
             e["request_id"],
         ]
         for e in entries
     ]
-    text = table(["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES IN", "SOURCE", "REQUEST"], rows)
-    return f"{text}\n{len(entries)} entries (state_version {result['state_version']})"
+    text = table(["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES", "SOURCE", "REQUEST"], rows)
+    summary = counted(len(entries), "entry", "entries")
+    return f"{text}\n{summary} (state_version {result['state_version']})"
 
 
 def format_outcome(result: dict[str, Any], now_ms: int) -> str:
@@ -116,12 +120,12 @@ def format_outcome(result: dict[str, Any], now_ms: int) -> str:
             r["address"],
             r["profile"],
             r["status"],
-            span(max(0, (int(r["expires_at_ms"]) - now_ms) // 1000)) if r["expires_at_ms"] else "-",
+            when(int(r["expires_at_ms"]), now_ms),
             r["reason"] or "",
         ]
         for r in result["results"]
     ]
-    lines = [table(["ADDRESS", "PROFILE", "STATUS", "EXPIRES IN", "REASON"], rows)]
+    lines = [table(["ADDRESS", "PROFILE", "STATUS", "EXPIRES", "REASON"], rows)]
     tail = f"request {result['request_id']}, state_version {result['state_version']}"
     if "ttl_s" in result:
         capped = " (capped by [local] ttl_cap_s)" if result["ttl_capped"] else ""
@@ -154,7 +158,7 @@ def format_audit(result: dict[str, Any]) -> str:
         "CALLER",
         "DETAIL",
     ]
-    return f"{table(headers, rows)}\n{len(rows)} audit rows"
+    return f"{table(headers, rows)}\n{counted(len(rows), 'audit row', 'audit rows')}"
 
 
 def why_exit_code(result: dict[str, Any]) -> int:
@@ -206,23 +210,29 @@ def _print(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     print(json.dumps(result) if args.json else text)
 
 
+def unreachable(exc: LocalUnreachable) -> Failure:
+    return Failure(
+        "unreachable",
+        f"{exc.path}: {exc.reason}",
+        Exit.UNREACHABLE,
+        code="UNAVAILABLE",
+        extra={"socket": str(exc.path)},
+    )
+
+
+def refused(exc: LocalCallError) -> Failure:
+    """The daemon's refusal: its reason word, and its kind as the gRPC code ``ctl`` would see."""
+    return Failure(exc.reason, exc.detail, Exit.REFUSED, code=exc.kind.name)
+
+
 def _call(args: argparse.Namespace, op: str, **params: Any) -> dict[str, Any] | int:
     """The daemon's result, or the exit code after printing why there is none."""
     try:
         return LocalClient(_socket_path(args), timeout=args.timeout).call(op, **params)
     except LocalUnreachable as exc:
-        _fail(args, "unreachable", exc.reason, str(exc.path))
-        return EXIT_UNREACHABLE
+        return report(unreachable(exc), json_output=args.json)
     except LocalCallError as exc:
-        _fail(args, exc.reason, exc.detail, exc.kind.value)
-        return EXIT_REFUSED
-
-
-def _fail(args: argparse.Namespace, reason: str, detail: str, context: str) -> None:
-    if args.json:
-        print(json.dumps({"error": {"reason": reason, "detail": detail, "context": context}}))
-    else:
-        print(f"vicifast-agent: {reason}: {detail} ({context})", file=sys.stderr)
+        return report(refused(exc), json_output=args.json)
 
 
 def _show(
@@ -254,10 +264,13 @@ def _allow(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    if bool(args.addresses) == bool(args.subject):
-        print("vicifast-agent revoke: give ADDRESS... or --subject, not both", file=sys.stderr)
-        return 2
-    return _show(args, "revoke", _outcome_now, "addresses", "subject", "profile")
+    if not args.addresses and not args.subject:
+        why = "nothing to revoke: give the ADDRESS(es) to revoke, or --subject S for all of S's"
+    elif args.addresses and args.subject:
+        why = "give ADDRESS... or --subject, not both (--subject revokes every entry of S)"
+    else:
+        return _show(args, "revoke", _outcome_now, "addresses", "subject", "profile")
+    return report(Failure("usage", why, Exit.USAGE), json_output=args.json)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -284,8 +297,7 @@ def _reload(args: argparse.Namespace) -> int:
         result = LocalClient(_socket_path(args), timeout=args.timeout).call("reload")
     except LocalUnreachable as exc:
         if not args.pid:
-            _fail(args, "unreachable", exc.reason, str(exc.path))
-            return EXIT_UNREACHABLE
+            return report(unreachable(exc), json_output=args.json)
         os.kill(args.pid, signal.SIGHUP)
         print(
             f"vicifast-agent reload: local socket {exc.path} unreachable ({exc.reason}); sent "
@@ -293,12 +305,11 @@ def _reload(args: argparse.Namespace) -> int:
             "vicifast-agent)",
             file=sys.stderr,
         )
-        return 0
+        return int(Exit.OK)
     except LocalCallError as exc:
-        _fail(args, exc.reason, exc.detail, exc.kind.value)
-        return EXIT_REFUSED
+        return report(refused(exc), json_output=args.json)
     _print(args, result, f"reloaded configuration from {result['config']}")
-    return 0
+    return int(Exit.OK)
 
 
 def _offline(args: argparse.Namespace, unreachable: doctor.Check) -> list[doctor.Check]:
@@ -319,61 +330,160 @@ def _audit(args: argparse.Namespace) -> int:
     return _show(args, "audit", format_audit, "request_id", "subject", "address", "limit")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def duration(text: str) -> int:
+    """An argparse type: seconds, or a duration with units (``90m``, ``1h``, ``2d``)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def ip_address(text: str) -> str:
+    """An argparse type for ``why``: an IP address (the daemon judges it further)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if any(c.isalpha() for c in text) and ":" not in text:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an IP address (host names are not accepted: give the address)"
+            ) from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    return text
+
+
+def port_proto(text: str) -> str:
+    """An argparse type for ``why``: ``PORT/PROTO`` such as ``5060/udp``."""
+    try:
+        parse_packet("198.18.0.1", text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+    return text
+
+
+_LOCAL_EXITS = (Exit.OK, Exit.USAGE, Exit.REFUSED, Exit.UNREACHABLE, Exit.INTERRUPTED)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+    *,
+    exits: tuple[Exit, ...] = _LOCAL_EXITS,
+    meanings: dict[Exit, str] | None = None,
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=exit_epilog(exits, meanings),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--socket", help="the daemon's local socket (default: from --config)")
     p.add_argument(
         "--config", default=str(DEFAULT_CONFIG_PATH), help="config file naming the socket"
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon")
+    return p
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the sysadmin's commands on the top-level parser."""
-    p = sub.add_parser("status", help="the daemon's state in one screen")
-    _common(p)
+    p = _command(
+        sub,
+        "status",
+        "the daemon's state in one screen",
+        "The running daemon's version, entries (local grants, per profile), state_version,\n"
+        "whether the kernel's table is in sync and when it was verified, drift repairs,\n"
+        "listen addresses and any other table that would drop what the agent allows.",
+    )
     p.set_defaults(handler=_status)
 
-    p = sub.add_parser("list", help="entries the kernel enforces")
-    _common(p)
+    p = _command(
+        sub,
+        "list",
+        "entries the kernel enforces",
+        "The entries the kernel enforces now, with when each expires (UTC, and the time\n"
+        "left), its source (remote: the control plane; local: granted on this host) and\n"
+        "its request id.",
+    )
     p.add_argument("--profile", default="", help="only this profile")
     p.add_argument("--subject", default="", help="only this subject")
     p.set_defaults(handler=_list)
 
-    p = sub.add_parser("allow", help="grant ADDRESS locally (TTL capped by [local] ttl_cap_s)")
-    _common(p)
+    p = _command(
+        sub,
+        "allow",
+        "grant ADDRESS locally (TTL capped by [local] ttl_cap_s)",
+        "A local grant through the daemon, e.g. while the control plane is unreachable:\n"
+        "the same validation as a signed request, a TTL capped by [local] ttl_cap_s, and\n"
+        "the entry is marked local. ADDRESS is an IPv4 or IPv6 address (an IPv6 address\n"
+        "stands for its /64 under the default policy), never a host name.",
+    )
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
-    p.add_argument("--ttl", type=int, default=0, help="seconds (0 = default, capped)")
+    p.add_argument(
+        "--ttl",
+        type=duration,
+        default=0,
+        metavar="DURATION",
+        help="seconds, or with a unit: 90m, 1h, 2d (default: the agent's default; capped)",
+    )
     p.add_argument("--subject", default="", help="who the grant is for")
     p.add_argument("--profile", default="", help="port profile (default profile if omitted)")
     p.set_defaults(handler=_allow)
 
-    p = sub.add_parser("revoke", help="remove entries by address or by subject")
-    _common(p)
+    p = _command(
+        sub,
+        "revoke",
+        "remove entries by address or by subject",
+        "Remove entries (local or remote) by ADDRESS, or every entry of --subject S; give\n"
+        "one or the other. An address with no entry is reported NOT_FOUND.",
+    )
     p.add_argument("addresses", nargs="*", metavar="ADDRESS")
     p.add_argument("--subject", default="", help="every entry of this subject")
     p.add_argument("--profile", default="", help="only in this profile (default: every profile)")
     p.set_defaults(handler=_revoke)
 
-    p = sub.add_parser("doctor", help="check the agent and its host, explain what is wrong")
-    _common(p)
+    p = _command(
+        sub,
+        "doctor",
+        "check the agent and its host, explain what is wrong",
+        "Checks the daemon, the config file, kernel features, the agent's table, other\n"
+        "tables that would drop allowed traffic, the state directory, certificates and\n"
+        "the clock, and says what to do. Without the daemon it runs the checks that need\n"
+        "only files (the unreachable daemon is itself a problem).",
+        exits=(Exit.OK, Exit.NO, Exit.USAGE, Exit.PROBLEMS, Exit.INTERRUPTED),
+        meanings={Exit.NO: "warnings only"},
+    )
     p.set_defaults(handler=_doctor)
 
-    p = sub.add_parser("why", help="would a packet from ADDRESS to PORT/PROTO be admitted?")
-    _common(p)
-    p.add_argument("address", metavar="ADDRESS")
-    p.add_argument("port", metavar="PORT/PROTO", help="e.g. 5060/udp")
+    p = _command(
+        sub,
+        "why",
+        "would a packet from ADDRESS to PORT/PROTO be admitted?",
+        "What the agent's table does with a new connection from ADDRESS to PORT/PROTO,\n"
+        "and what every other table's input chain does with it.",
+        exits=(Exit.OK, Exit.NO, *_LOCAL_EXITS[1:]),
+        meanings={
+            Exit.OK: "admitted",
+            Exit.NO: "not admitted, or another table may still drop it",
+        },
+    )
+    p.add_argument("address", metavar="ADDRESS", type=ip_address)
+    p.add_argument("port", metavar="PORT/PROTO", type=port_proto, help="e.g. 5060/udp")
     p.set_defaults(handler=_why)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "reload",
-        help="reload the configuration and say whether the daemon took it",
-        description="Ask the running daemon to re-read its configuration, certificates, client "
-        "CA and trusted keys, and wait for its verdict: exit 0 reloaded, 3 refused (the "
-        "running configuration stays; the reason is printed), 4 the daemon is not reachable. "
-        "Root only. `systemctl reload vicifast-agent` runs this.",
+        "reload the configuration and say whether the daemon took it",
+        "Ask the running daemon to re-read its configuration, certificates, client CA and\n"
+        "trusted keys, and wait for its verdict: the running configuration stays when it\n"
+        "refuses (the reason is printed). Root only. `systemctl reload vicifast-agent` runs\n"
+        "this.",
+        meanings={Exit.OK: "reloaded", Exit.REFUSED: "refused: the running configuration stays"},
     )
-    _common(p)
     p.add_argument(
         "--pid",
         type=int,
@@ -382,10 +492,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.set_defaults(handler=_reload)
 
-    p = sub.add_parser(
-        "audit", help="the audit log: who changed which entry, by request id, subject or address"
+    p = _command(
+        sub,
+        "audit",
+        "the audit log: who changed which entry, by request id, subject or address",
+        "Audit rows, newest last: who (caller identity and key id, or local:uid=...)\n"
+        "changed which entry, when (UTC), on which request. Root only. The journal names\n"
+        "requests, never people: this is where a log line's request id leads.",
     )
-    _common(p)
     p.add_argument("--request-id", default="", help="only this request (as logged)")
     p.add_argument("--subject", default="", help="only this subject")
     p.add_argument("--address", default="", help="only this address")

@@ -43,6 +43,7 @@ from agent.config import AgentConfig, load_config
 from agent.engine import Engine
 from agent.errors import AgentError, Unavailable
 from agent.local.server import serve_local
+from agent.logprivacy import ExceptionsWithoutMessages
 from agent.metrics import SourceStatus, start_metrics
 from agent.metrics.http import TlsFiles
 from agent.metrics.loops import LoopCollector
@@ -109,11 +110,13 @@ def watchdog_interval_s() -> float | None:
 
 
 class _FieldsFormatter(logging.Formatter):
-    """stderr format: the message, then the structured fields journald would get."""
+    """stderr format: the message, then the structured fields journald would get (every
+    upper-case record attribute, as ``JournalHandler`` sends them), so what reaches stderr -
+    and the tests reading it - is what reaches the journal."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = [f"{k}={getattr(record, k)!r}" for k in JOURNAL_FIELDS if hasattr(record, k)]
+        fields = [f"{k}={v!r}" for k, v in sorted(vars(record).items()) if k.isupper()]
         return f"{text} [{' '.join(fields)}]" if fields else text
 
 
@@ -147,6 +150,8 @@ def setup_logging() -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # No exception message reaches the log: it may name an address or a subject (privacy).
+    handler.addFilter(ExceptionsWithoutMessages())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 

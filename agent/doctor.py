@@ -32,6 +32,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.cli_contract import Exit
 from agent.config import AgentConfig, ApiConfig, load_config
 from agent.errors import ConfigError
 from agent.preflight import SERVICE_USER, ServiceUser, readiness_problems, service_user
@@ -73,9 +74,10 @@ class Check:
 
 def exit_code(checks: Iterable[Check]) -> int:
     levels = {c.level for c in checks}
+    # The CLI's one exit-code table (agent.cli_contract): 2 is a usage error, never a verdict.
     if Level.PROBLEM in levels:
-        return 2
-    return 1 if Level.WARNING in levels else 0
+        return Exit.PROBLEMS
+    return Exit.NO if Level.WARNING in levels else Exit.OK
 
 
 _MARK = {Level.OK: "ok", Level.INFO: "info", Level.WARNING: "WARN", Level.PROBLEM: "FAIL"}
@@ -88,7 +90,11 @@ def render(checks: Sequence[Check]) -> str:
         lines.append(f"[{_MARK[c.level]:>4}] {c.name}: {c.summary}")
         if c.advice:
             lines.append(f"       -> {c.advice}")
-    verdict = {0: "all good", 1: "works, with warnings", 2: "PROBLEMS found"}[exit_code(checks)]
+    verdict = {
+        Exit.OK: "all good",
+        Exit.NO: "works, with warnings",
+        Exit.PROBLEMS: "PROBLEMS found",
+    }[Exit(exit_code(checks))]
     lines.append(f"doctor: {verdict}")
     return "\n".join(lines)
 

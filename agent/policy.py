@@ -99,6 +99,9 @@ def _fast_ipv4(text: str, policy: AddressPolicy) -> Address | None:
 
 _DECIMAL = re.compile(r"[0-9]+")
 _HEX_GROUP = re.compile(r"[0-9A-Fa-f]{1,4}")
+# What an operator typing a host name (``sip.example.com``) writes: said so in plain words.
+_HOST_NAME = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?")
+_HEX_OCTET = re.compile(r"(^|\.)0[xX]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,17 +152,32 @@ def _check_lexical(text: str) -> None:
             _check_ipv4_octets(text, tail)
         elif tail:
             groups.append(tail)
+        # RFC 4291 text: one to four hex digits, either case, leading zeros allowed (the
+        # normal form drops them); only IPv4 octets are ambiguous with leading zeros (octal).
         for g in groups:
-            if not _HEX_GROUP.fullmatch(g) or (len(g) > 1 and g[0] == "0"):
-                raise _refuse("invalid_address", text, f"group {g!r} has leading zeros or junk")
+            if not _HEX_GROUP.fullmatch(g):
+                raise _refuse("invalid_address", text, f"group {g!r} is not 1 to 4 hex digits")
     else:
         _check_ipv4_octets(text, addr)
 
 
 def _check_ipv4_octets(text: str, dotted: str) -> None:
-    for octet in dotted.split("."):
-        if not _DECIMAL.fullmatch(octet) or (len(octet) > 1 and octet[0] == "0"):
-            raise _refuse("invalid_address", text, f"octet {octet!r} has leading zeros or junk")
+    octets = dotted.split(".")
+    if len(octets) != 4 or not all(_DECIMAL.fullmatch(o) for o in octets):
+        if _HOST_NAME.fullmatch(dotted) and not _HEX_OCTET.search(dotted):
+            raise _refuse(
+                "invalid_address",
+                text,
+                "not an IP address (host names are not accepted: give the address itself)",
+            )
+        raise _refuse("invalid_address", text, "an IPv4 address is four decimal octets")
+    for octet in octets:
+        if len(octet) > 1 and octet[0] == "0":
+            raise _refuse(
+                "invalid_address",
+                text,
+                f"octet {octet!r} has a leading zero (some parsers read it as octal)",
+            )
 
 
 def _within(

@@ -15,6 +15,7 @@ os.environ["COLUMNS"] = "78"  # argparse wraps to this; a man page reads best un
 
 from agent import __version__
 from agent.cli import build_parser
+from agent.cli_contract import EXIT_TABLE
 
 _DESCRIPTION = """\
 The firewall agent of a VICIfast-hosted VICIdial server. The control plane sends it signed
@@ -82,7 +83,16 @@ def render() -> str:
         out += [".TP", f".I {path}", what]
     out += [
         ".SH EXIT STATUS",
-        "0 on success; each command's help above states its other codes.",
+        "One table for every command (the sysadmin's and ctl alike); each command's help",
+        "above lists the codes it uses. With --json an error is one object on stdout:",
+        '{"error": {"reason": ..., "detail": ..., "code": ..., "exit_code": ...}}.',
+    ]
+    for code, text in EXIT_TABLE.items():
+        out += [f".IP {int(code)}", _roff(text.replace("`", ""))]
+    out += [
+        ".PP",
+        "run (the daemon) exits 0 when stopped, 1 when it cannot start, and 78 when its",
+        "state directory cannot be used.",
         ".SH SEE ALSO",
         ".BR systemctl (1),",
         ".BR journalctl (1),",

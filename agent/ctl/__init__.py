@@ -12,11 +12,12 @@ options' names as keys (``target``, ``agent_id``, ``ca``, ``cert``, ``key``, ``s
 ``keyid``, ``server_name``, ``timeout``), relative paths read from the file's directory.
 ``vicifast-agent dev-pki`` writes one (``ctl.toml``) next to its dev material.
 
-Exit codes: 0 done (per-entry outcomes such as STALE or NOT_FOUND are results, not failures);
-1 the agent refused the request (``error: CODE reason_word: detail`` on stderr); 2 usage or
-local problem (bad arguments, unreadable files: argparse's own convention); 3 the agent could
-not be reached or did not answer in time, so the outcome of a change is unknown and the printed
-``--request-id``/``--issued-at`` resend the identical, idempotent request; 130 interrupted.
+Exit codes and errors follow the CLI's one contract (``agent.cli_contract``), as the sysadmin's
+commands do: 0 done (per-entry outcomes such as STALE or NOT_FOUND are results, not failures);
+2 usage or local problem (bad arguments, unreadable files); 3 the agent refused the request
+(its reason word and gRPC code are printed); 4 the agent could not be reached or did not answer
+in time, so the outcome of a change is unknown and the printed ``--request-id``/``--issued-at``
+resend the identical, idempotent request; 130 interrupted.
 
 Modules: ``connection`` (where the agent is and what this caller presents), ``entries`` (a
 Sync's entries from JSON lines or CSV), ``output`` (human and JSON output), ``commands`` (the
@@ -26,17 +27,9 @@ the error type of problems on this side.
 
 from __future__ import annotations
 
-import enum
+from agent.cli_contract import Exit
 
 __all__ = ["CtlError", "Exit"]
-
-
-class Exit(enum.IntEnum):
-    OK = 0
-    REFUSED = 1
-    USAGE = 2
-    UNREACHABLE = 3
-    INTERRUPTED = 130
 
 
 class CtlError(Exception):

@@ -4,6 +4,7 @@ codes; requests go only through ``agent.rpc.client.AgentClient``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -18,13 +19,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from agent.ctl import CtlError, Exit
+from agent.cli_contract import Exit, Failure, exit_epilog, report
+from agent.ctl import CtlError
 from agent.ctl.connection import CONNECTION_KEYS, ENV_PREFIX, resolve_connection
 from agent.ctl.entries import parse_sync_entries
 from agent.ctl.output import format_apply_result, format_event, format_state, to_json
 from agent.rpc.client import AgentCallError, AgentClient, Entry
 from agent.rpc.pb import agent_pb2
 from agent.rpc.signing import new_request_id
+from agent.terminal import parse_duration
 
 # The agent's status messages start with a snake_case reason word; anything else came from the
 # gRPC transport (no connection, TLS handshake failed, deadline), not from the agent.
@@ -53,10 +56,18 @@ class _Pinned:
 
     def retry_hint(self) -> str:
         return (
-            "hint: the agent may or may not have applied it; resend the identical request with"
+            "the agent may or may not have applied it; resend the identical request with"
             f" the same arguments plus --request-id {self.request_id}"
             f" --issued-at {self.issued_at_ms}: the agent applies a request once and answers a"
             " resend with the original result"
+        )
+
+    def unknown_outcome(self, failure: Failure) -> Failure:
+        """``failure`` with what resends the identical request (JSON keys and a hint)."""
+        return dataclasses.replace(
+            failure,
+            extra={"request_id": self.request_id, "issued_at_ms": self.issued_at_ms},
+            hint=self.retry_hint(),
         )
 
 
@@ -93,11 +104,10 @@ def _apply(
         try:
             result = client.send(rpc, envelope)
         except AgentCallError as exc:
-            line, code = describe_call_error(exc)
-            _print_err(line)
-            if code == Exit.UNREACHABLE:
-                _print_err(pinned.retry_hint())
-            return code
+            failure = call_failure(exc)
+            if failure.exit_code == Exit.UNREACHABLE:
+                failure = pinned.unknown_outcome(failure)
+            return report(failure, json_output=args.json)
     _emit(args, result, lambda: format_apply_result(result, _now_ms(), erase=rpc == "Erase"))
     return Exit.OK
 
@@ -108,8 +118,16 @@ def _cmd_allow(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    if bool(args.addresses) == bool(args.subject):
-        raise CtlError("bad_arguments", "give addresses or --subject, not both and not neither")
+    if not args.addresses and not args.subject:
+        raise CtlError(
+            "bad_arguments",
+            "nothing to revoke: give the ADDRESS(es) to revoke, or --subject S for all of S's",
+        )
+    if args.addresses and args.subject:
+        raise CtlError(
+            "bad_arguments",
+            "give ADDRESS... or --subject, not both (--subject revokes every entry of S)",
+        )
     return _apply(
         args,
         "Revoke",
@@ -161,16 +179,17 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def describe_call_error(exc: AgentCallError) -> tuple[str, Exit]:
-    """The stderr line and exit code for a failed call."""
+def call_failure(exc: AgentCallError) -> Failure:
+    """What a failed call prints and exits with: the agent's reason word when it answered
+    (refused), else the transport's words (unreachable, or refused for other codes)."""
+    code = exc.code.name
     if _REASON_WORD.fullmatch(exc.reason):
         detail = exc.message.split(":", 1)[1].strip() if ":" in exc.message else ""
-        line = f"error: {exc.code.name} {exc.reason}"
-        return (f"{line}: {detail}" if detail else line), Exit.REFUSED
+        return Failure(exc.reason, detail, Exit.REFUSED, code=code)
     if exc.code in _NO_ANSWER:
         reason = "unreachable" if exc.code == grpc.StatusCode.UNAVAILABLE else "no_answer"
-        return f"error: {exc.code.name} {reason}: {exc.message}", Exit.UNREACHABLE
-    return f"error: {exc.code.name} {exc.code.name.lower()}: {exc.message}", Exit.REFUSED
+        return Failure(reason, exc.message, Exit.UNREACHABLE, code=code)
+    return Failure(code.lower(), exc.message, Exit.REFUSED, code=code)
 
 
 def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -178,12 +197,9 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
         try:
             return handler(args)
         except CtlError as exc:
-            _print_err(f"error: {exc.reason}: {exc.detail}")
-            return exc.exit_code
+            return report(Failure(exc.reason, exc.detail, exc.exit_code), json_output=args.json)
         except AgentCallError as exc:
-            line, code = describe_call_error(exc)
-            _print_err(line)
-            return code
+            return report(call_failure(exc), json_output=args.json)
         except KeyboardInterrupt:
             return Exit.INTERRUPTED
         except BrokenPipeError:
@@ -192,10 +208,6 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             return Exit.OK
 
     return run
-
-
-def _print_err(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 # --- argument parsing -------------------------------------------------------------------------
@@ -265,11 +277,26 @@ def _request_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-_EPILOG = """\
-exit codes: 0 done; 1 refused by the agent (stderr: error: CODE reason_word: detail);
-2 usage or local problem; 3 agent unreachable or no answer in time (a change's outcome is
-unknown: resend with the printed --request-id and --issued-at); 130 interrupted.
-"""
+_CHANGE_EPILOG = exit_epilog(
+    (Exit.OK, Exit.USAGE, Exit.REFUSED, Exit.UNREACHABLE, Exit.INTERRUPTED),
+    {
+        Exit.OK: "done (per-entry STALE or NOT_FOUND are results, not failures)",
+        Exit.UNREACHABLE: "agent unreachable or no answer in time: the outcome is unknown;"
+        " resend with the printed --request-id and --issued-at (safe: applied once)",
+    },
+)
+_READ_EPILOG = exit_epilog((Exit.OK, Exit.USAGE, Exit.REFUSED, Exit.UNREACHABLE, Exit.INTERRUPTED))
+
+
+def _ttl(text: str) -> int:
+    """An argparse type: seconds or a duration with units (``1h``, ``90m``, ``2d``), uint32."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds > _UINT32:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {_UINT32} seconds")
+    return seconds
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -280,14 +307,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         parents=[common],
         help="control-plane calls to an agent over mTLS (allow, revoke, sync, erase, state, watch)",
         description="Call an agent the way the control plane does: signed requests over mTLS.",
-        epilog=_EPILOG,
+        epilog=_CHANGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ctl.set_defaults(handler=lambda _args: _help(ctl))
     cmds = ctl.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, text: str, handler: Callable[[argparse.Namespace], int]) -> Any:
-        p = cmds.add_parser(name, parents=[common], help=text, description=text, epilog=_EPILOG)
+    def command(
+        name: str,
+        text: str,
+        handler: Callable[[argparse.Namespace], int],
+        epilog: str = _CHANGE_EPILOG,
+    ) -> Any:
+        p = cmds.add_parser(name, parents=[common], help=text, description=text, epilog=epilog)
         p.formatter_class = argparse.RawDescriptionHelpFormatter
         p.set_defaults(handler=_with_defaults(_run(handler)))
         return p
@@ -295,7 +327,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = command("allow", "admit addresses (or refresh them) for a TTL", _cmd_allow)
     p.add_argument("addresses", nargs="+", metavar="ADDRESS", help="IPv4/IPv6 address or prefix")
     p.add_argument(
-        "--ttl", type=_whole(0, _UINT32), default=0, help="seconds (default 0: the agent's default)"
+        "--ttl",
+        type=_ttl,
+        default=0,
+        metavar="DURATION",
+        help="seconds, or with a unit: 90m, 1h, 2d (default 0: the agent's default)",
     )
     p.add_argument("--subject", default="", help="who the entries are for (the VICIdial user)")
     p.add_argument(
@@ -338,9 +374,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("subject", metavar="SUBJECT")
     _request_options(p)
 
-    command("state", "what the agent enforces now", _cmd_state)
+    command("state", "what the agent enforces now", _cmd_state, _READ_EPILOG)
 
-    p = command("watch", "stream the agent's events until Ctrl-C", _cmd_watch)
+    p = command("watch", "stream the agent's events until Ctrl-C", _cmd_watch, _READ_EPILOG)
     p.add_argument(
         "--since",
         type=_whole(0, _UINT64),

@@ -8,7 +8,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from agent.rpc.pb import agent_pb2
-from agent.terminal import printable, span, table, utc_iso
+from agent.terminal import counted, printable, table, utc_iso, when
+
+__all__ = ["format_apply_result", "format_event", "format_state", "to_json", "when"]
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -20,15 +22,6 @@ def to_json(message: Message) -> dict[str, Any]:
         unquote_int64_if_possible=True,
     )
     return out
-
-
-def when(ms: int, now_ms: int) -> str:
-    """``2025-01-02T03:04:05Z (in 9m 59s)`` / ``(... ago)``; ``-`` for 0 (no time)."""
-    if ms <= 0:
-        return "-"
-    delta = (ms - now_ms) // 1000 if ms >= now_ms else -((now_ms - ms) // 1000)
-    rel = "now" if delta == 0 else f"in {span(delta)}" if delta > 0 else f"{span(-delta)} ago"
-    return f"{utc_iso(ms)} ({rel})"
 
 
 def format_apply_result(result: agent_pb2.ApplyResult, now_ms: int, *, erase: bool = False) -> str:
@@ -65,9 +58,9 @@ def format_state(state: agent_pb2.AgentState, local_now_ms: int) -> str:
     if abs(skew_s) >= 2:  # a request's window tolerates 30 s; say so well before it matters
         ahead = "ahead of" if skew_s > 0 else "behind"
         lines.append(f"clock        the agent is {abs(skew_s):.1f} s {ahead} this host")
-    count = len(state.entries)
     lines.append(
-        f"state        version {state.state_version}, {count} entr{'y' if count == 1 else 'ies'}"
+        f"state        version {state.state_version},"
+        f" {counted(len(state.entries), 'entry', 'entries')}"
     )
     if state.entries:
         rows = [

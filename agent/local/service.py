@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -356,17 +357,7 @@ class LocalService:
         )
         meta = self._meta("Allow", args, peer)
         outcome = self.engine.submit(convert.allow_command(msg, meta, cfg))
-        for r in outcome.results:
-            log.info(
-                "local grant %s %s in %s for %s by %s: %s",
-                outcome.request_id,
-                r.address,
-                r.profile,
-                subject or "-",
-                peer.identity,
-                r.status.name,
-                extra=_journal_fields(outcome.request_id, subject, r.address, r.profile, "local"),
-            )
+        _log_local("grant", outcome, peer)
         return {**_outcome_json(outcome), "ttl_s": ttl.seconds, "ttl_capped": ttl.capped}
 
     def _revoke(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -378,31 +369,30 @@ class LocalService:
         )
         meta = self._meta("Revoke", args, peer)
         outcome = self.engine.submit(convert.revoke_command(msg, meta, cfg))
-        for r in outcome.results:
-            log.info(
-                "local revoke %s %s in %s by %s: %s",
-                outcome.request_id,
-                r.address,
-                r.profile,
-                peer.identity,
-                r.status.name,
-                extra=_journal_fields(
-                    outcome.request_id, msg.subject, r.address, r.profile, "local"
-                ),
-            )
+        _log_local("revoke", outcome, peer)
         return _outcome_json(outcome)
 
 
-def _journal_fields(
-    request_id: str, subject: str, address: str, profile: str, reason: str
-) -> dict[str, str]:
-    return {
-        "REQUEST_ID": request_id,
-        "SUBJECT": subject,
-        "ADDRESS": address,
-        "PROFILE": profile,
-        "REASON": reason,
-    }
+def _log_local(what: str, outcome: Outcome, peer: Peer) -> None:
+    """One journal line per local change, naming the request id, the profiles and the counts
+    by status - never an address or a subject (the privacy policy: the journal is out of reach
+    of retention and Erase). `vicifast-agent audit --request-id ID` shows who and what."""
+    statuses = Counter(r.status.name.lower() for r in outcome.results)
+    profiles = sorted({r.profile for r in outcome.results})
+    log.info(
+        "local %s %s in %s by %s: %s",
+        what,
+        outcome.request_id,
+        ", ".join(profiles) or "-",
+        peer.identity,
+        ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) or "nothing",
+        extra={
+            "REQUEST_ID": outcome.request_id,
+            "CALLER": peer.identity,
+            "RPC": "Allow" if what == "grant" else "Revoke",
+            "REASON": "local",
+        },
+    )
 
 
 def _present(observed: Structure) -> bool:

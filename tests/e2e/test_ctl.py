@@ -22,7 +22,7 @@ from netlab import Lab
 from agent.ctl.connection import connection_file_text
 from agent.devlab import REPO_ROOT, DevAgent
 
-REFUSED, USAGE, UNREACHABLE = 1, 2, 3
+USAGE, REFUSED, UNREACHABLE = 2, 3, 4  # agent.cli_contract
 
 
 def ctl(
@@ -168,7 +168,7 @@ def test_an_empty_sync_needs_allow_empty(tmp_path: Path, lab: Lab, agent: DevAge
     empty.write_text("")
     refused = ctl(agent, "sync", str(empty))
     assert refused.returncode == USAGE
-    assert refused.stderr.startswith("error: empty_sync")
+    assert refused.stderr.startswith("vicifast-agent: error: empty_sync")
     assert set(entries(agent)) == {lab.addr.client4}
     ok(ctl(agent, "sync", str(empty), "--allow-empty"))
     assert entries(agent) == {}
@@ -223,7 +223,7 @@ def test_watch_streams_live_events_for_humans(lab: Lab, agent: DevAgent) -> None
 # --- errors and exit codes ----------------------------------------------------------------------
 
 
-def test_a_refused_request_exits_1_with_the_reason_and_changes_nothing(
+def test_a_refused_request_exits_3_with_the_reason_and_changes_nothing(
     lab: Lab, agent: DevAgent
 ) -> None:
     ok(ctl(agent, "allow", lab.addr.client4))
@@ -231,7 +231,16 @@ def test_a_refused_request_exits_1_with_the_reason_and_changes_nothing(
     done = ctl(agent, "allow", lab.addr.client4_alt, "--ttl", "1")
     assert done.returncode == REFUSED
     assert done.stdout == ""
-    assert done.stderr.startswith("error: INVALID_ARGUMENT invalid_ttl")
+    assert done.stderr.startswith("vicifast-agent: error: invalid_ttl")
+    assert "[INVALID_ARGUMENT]" in done.stderr
+    as_json_error = ctl(agent, "allow", lab.addr.client4_alt, "--ttl", "1", "--json")
+    assert as_json_error.returncode == REFUSED
+    error = json.loads(as_json_error.stdout)["error"]
+    assert (error["reason"], error["code"], error["exit_code"]) == (
+        "invalid_ttl",
+        "INVALID_ARGUMENT",
+        REFUSED,
+    )
     after = as_json(ctl(agent, "state", "--json"))
     assert (after["state_version"], after["entries"]) == (
         before["state_version"],
@@ -239,15 +248,22 @@ def test_a_refused_request_exits_1_with_the_reason_and_changes_nothing(
     )
 
 
-def test_an_unreachable_agent_exits_3_and_says_how_to_retry(agent: DevAgent) -> None:
+def test_an_unreachable_agent_exits_4_and_says_how_to_retry(agent: DevAgent) -> None:
     options = agent.client_argv()
     options[options.index("--target") + 1] = "127.0.0.1:1"  # nothing listens there
     state = ctl(agent, "state", options=options)
     assert state.returncode == UNREACHABLE
-    assert state.stderr.startswith("error: UNAVAILABLE unreachable")
+    assert state.stderr.startswith("vicifast-agent: error: unreachable")
     allow = ctl(agent, "allow", "198.18.0.2", "--request-id", "retry-0001", options=options)
     assert allow.returncode == UNREACHABLE
     assert re.search(r"--request-id retry-0001 --issued-at \d+", allow.stderr)
+    pinned = ctl(
+        agent, "allow", "198.18.0.2", "--request-id", "retry-0002", "--json", options=options
+    )
+    assert pinned.returncode == UNREACHABLE
+    error = json.loads(pinned.stdout)["error"]
+    assert (error["reason"], error["request_id"]) == ("unreachable", "retry-0002")
+    assert isinstance(error["issued_at_ms"], int)
 
 
 def test_a_resent_request_is_answered_once(lab: Lab, agent: DevAgent) -> None:
@@ -258,7 +274,7 @@ def test_a_resent_request_is_answered_once(lab: Lab, agent: DevAgent) -> None:
     assert state_version(agent) == first["state_version"]
     other = ctl(agent, "allow", lab.addr.client4_alt, *pin)
     assert other.returncode == REFUSED
-    assert other.stderr.startswith("error: ALREADY_EXISTS request_id_reused")
+    assert other.stderr.startswith("vicifast-agent: error: request_id_reused")
 
 
 def _now_ms(agent: DevAgent) -> int:

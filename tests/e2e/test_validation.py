@@ -72,8 +72,7 @@ ADDRESSES = [
     # leading zeros
     ("198.018.5.2", "invalid_address"),
     ("198.18.5.02", "invalid_address"),
-    ("2001:0db8::1", "invalid_address"),
-    ("2001:db8::0001", "invalid_address"),
+    ("2001:db8::00001", "invalid_address"),  # IPv6 groups: at most four hex digits
     ("198.18.5.2/032", "invalid_address"),
     ("::ffff:198.018.5.2", "invalid_address"),
     # surrounding white space (and look-alikes)
@@ -229,6 +228,9 @@ NORMAL_FORMS = [
     ("2001:db8:0:71::5", "2001:db8:0:71::/64"),
     ("2001:DB8:0:72::1/128", "2001:db8:0:72::/64"),
     ("2001:db8:0:73::/64", "2001:db8:0:73::/64"),
+    # IPv6 groups with leading zeros, in either case, are RFC 4291 text (PROTOCOL.md)
+    ("2001:0DB8:0000:0074::0001", "2001:db8:0:74::/64"),
+    ("2001:0db8:0:0075::/64", "2001:db8:0:75::/64"),
 ]
 
 

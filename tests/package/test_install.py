@@ -203,6 +203,15 @@ def test_metrics_and_the_local_cli_work_inside_the_sandbox(system: System) -> No
     assert re.search(r'^vicifast_agent_entries\{family="ipv4",profile="agent"\} 2\.0$', text, re.M)
     status = system.container.run("vicifast-agent", "status", "--json")
     assert AGENT_ID in status.stdout
+    assert system.container.run("vicifast-agent", "--version").stdout.startswith("vicifast-agent ")
+    completes = system.container.run(
+        "bash",
+        "-c",
+        "source /usr/share/bash-completion/completions/vicifast-agent;"
+        " COMP_WORDS=(vicifast-agent ctl st); COMP_CWORD=2; _vicifast_agent;"
+        ' echo "${COMPREPLY[*]}"',
+    )
+    assert completes.stdout.split() == ["state"]
 
 
 def test_the_monitoring_kit_is_installed_and_the_metrics_see_the_units_caps(

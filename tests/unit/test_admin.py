@@ -211,35 +211,44 @@ def test_status_shows_what_a_sysadmin_looks_for() -> None:
     assert "OUT OF SYNC" in format_status({**STATUS, "in_sync": False, "shadowing": []})
 
 
-def test_list_is_a_table_with_one_row_per_entry() -> None:
+NOW_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+
+
+def _listed(n: int) -> dict[str, Any]:
     entry = {
         "address": "198.18.0.7",
         "profile": "agent",
         "subject": "",
+        "expires_at_ms": NOW_MS + 3_599_000,
         "expires_in_s": 3599,
         "source": "local",
         "request_id": "local-0011223344556677",
     }
-    lines = format_entries({"state_version": 5, "entries": [entry]}).splitlines()
-    assert lines[0].split() == [
-        "ADDRESS",
-        "PROFILE",
-        "SUBJECT",
-        "EXPIRES",
-        "IN",
-        "SOURCE",
-        "REQUEST",
-    ]
+    return {"state_version": 5, "now_ms": NOW_MS, "entries": [entry] * n}
+
+
+def test_list_is_a_table_with_absolute_and_relative_expiry() -> None:
+    lines = format_entries(_listed(1)).splitlines()
+    assert lines[0].split() == ["ADDRESS", "PROFILE", "SUBJECT", "EXPIRES", "SOURCE", "REQUEST"]
     assert lines[1].split() == [
         "198.18.0.7",
         "agent",
         "-",
+        "2023-11-14T23:13:19Z",
+        "(in",
         "59m",
-        "59s",
+        "59s)",
         "local",
         "local-0011223344556677",
     ]
-    assert lines[2] == "1 entries (state_version 5)"
+
+
+@pytest.mark.parametrize(
+    ("n", "summary"),
+    [(0, "0 entries (state_version 5)"), (1, "1 entry (state_version 5)"), (2, "2 entries")],
+)
+def test_list_counts_entries_in_english(n: int, summary: str) -> None:
+    assert format_entries(_listed(n)).splitlines()[-1].startswith(summary)
 
 
 def test_audit_rows_are_a_table_in_utc_with_dashes_for_what_does_not_apply() -> None:
@@ -268,7 +277,7 @@ def test_audit_rows_are_a_table_in_utc_with_dashes_for_what_does_not_apply() -> 
         "entries",
         "revoked",
     ]
-    assert lines[2] == "1 audit rows"
+    assert lines[2] == "1 audit row"
 
 
 def test_an_outcome_says_when_the_ttl_was_capped() -> None:

@@ -149,7 +149,7 @@ def test_doctor_without_root_says_so_and_exits_without_a_traceback(
     assert "not root" in checks["privileges"]["summary"]
     assert "sudo vicifast-agent doctor" in checks["privileges"]["advice"]
     assert checks["state database"]["summary"].startswith("not checked")
-    assert code == answer["exit_code"] == 2  # the daemon is not reachable: a problem
+    assert code == answer["exit_code"] == 5  # the daemon is not reachable: a problem
 
 
 def test_the_state_directory_should_belong_to_the_daemons_user_not_root(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from agent.__main__ import main
 from agent.cli import build_parser
 from agent.ctl import CtlError, Exit
-from agent.ctl.commands import _Pinned, describe_call_error
+from agent.ctl.commands import _Pinned, call_failure
 from agent.ctl.connection import Connection, connection_file_text, resolve_connection
 from agent.ctl.entries import parse_sync_entries
 from agent.ctl.output import format_apply_result, format_event, format_state, to_json, when
@@ -215,7 +215,7 @@ def test_requests_the_agent_would_refuse_anyway_stop_here_with_2(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main([*argv, "--target", "127.0.0.1:1"]) == Exit.USAGE
-    assert capsys.readouterr().err.startswith("error: bad_arguments")
+    assert capsys.readouterr().err.startswith("vicifast-agent: error: bad_arguments")
 
 
 def test_an_empty_sync_needs_allow_empty(
@@ -224,7 +224,7 @@ def test_an_empty_sync_needs_allow_empty(
     empty = tmp_path / "none.jsonl"
     empty.write_text("\n")
     assert main(["ctl", "sync", str(empty), "--target", "127.0.0.1:1"]) == Exit.USAGE
-    assert capsys.readouterr().err.startswith("error: empty_sync")
+    assert capsys.readouterr().err.startswith("vicifast-agent: error: empty_sync")
 
 
 def test_a_missing_setting_exits_2_naming_it(
@@ -233,7 +233,7 @@ def test_a_missing_setting_exits_2_naming_it(
     monkeypatch.delenv("VICIFAST_CTL_TARGET", raising=False)
     monkeypatch.delenv("VICIFAST_CTL_CONNECTION", raising=False)
     assert main(["ctl", "state"]) == Exit.USAGE
-    assert capsys.readouterr().err.startswith("error: missing_setting: target")
+    assert capsys.readouterr().err.startswith("vicifast-agent: error: missing_setting: target")
 
 
 def test_ctl_without_a_command_prints_help_and_exits_2(
@@ -424,39 +424,40 @@ def test_json_keeps_proto_names_defaults_enum_names_and_numbers() -> None:
         (
             grpc.StatusCode.INVALID_ARGUMENT,
             "invalid_ttl: entries[0]: ttl 1",
-            "error: INVALID_ARGUMENT invalid_ttl: entries[0]: ttl 1",
+            "vicifast-agent: error: invalid_ttl: entries[0]: ttl 1 [INVALID_ARGUMENT]",
             Exit.REFUSED,
         ),
         (
             grpc.StatusCode.ALREADY_EXISTS,
             "request_id_reused",
-            "error: ALREADY_EXISTS request_id_reused",
+            "vicifast-agent: error: request_id_reused [ALREADY_EXISTS]",
             Exit.REFUSED,
         ),
         # the kernel refused: the agent answered, with a reason word
         (
             grpc.StatusCode.UNAVAILABLE,
             "kernel_refused: ENOMEM",
-            "error: UNAVAILABLE kernel_refused: ENOMEM",
+            "vicifast-agent: error: kernel_refused: ENOMEM [UNAVAILABLE]",
             Exit.REFUSED,
         ),
         # the transport's own words: nobody answered
         (
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to all addresses; last error: x",
-            "error: UNAVAILABLE unreachable: failed to connect to all addresses; last error: x",
+            "vicifast-agent: error: unreachable: failed to connect to all addresses;"
+            " last error: x [UNAVAILABLE]",
             Exit.UNREACHABLE,
         ),
         (
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "Deadline Exceeded",
-            "error: DEADLINE_EXCEEDED no_answer: Deadline Exceeded",
+            "vicifast-agent: error: no_answer: Deadline Exceeded [DEADLINE_EXCEEDED]",
             Exit.UNREACHABLE,
         ),
         (
             grpc.StatusCode.INTERNAL,
             "Exception calling application",
-            "error: INTERNAL internal: Exception calling application",
+            "vicifast-agent: error: internal: Exception calling application [INTERNAL]",
             Exit.REFUSED,
         ),
     ],
@@ -464,12 +465,14 @@ def test_json_keeps_proto_names_defaults_enum_names_and_numbers() -> None:
 def test_call_errors_become_one_line_and_an_exit_code(
     code: grpc.StatusCode, message: str, line: str, exit_code: Exit
 ) -> None:
-    assert describe_call_error(AgentCallError(code, message)) == (line, exit_code)
+    failure = call_failure(AgentCallError(code, message))
+    assert (failure.line(), failure.exit_code) == (line, exit_code)
+    assert failure.to_json()["error"]["code"] == code.name
 
 
 def test_exit_codes_are_distinct() -> None:
     assert len({int(e) for e in Exit}) == len(Exit)
-    assert (Exit.REFUSED, Exit.USAGE, Exit.UNREACHABLE) == (1, 2, 3)
+    assert (Exit.USAGE, Exit.REFUSED, Exit.UNREACHABLE) == (2, 3, 4)
 
 
 @pytest.mark.parametrize(

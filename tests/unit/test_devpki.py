@@ -88,19 +88,23 @@ def test_server_cert_is_not_a_client_cert(material: DevMaterial) -> None:
 
 
 def test_private_keys_are_owner_only_and_certs_world_readable(material: DevMaterial) -> None:
-    keys = [material.ca_key, material.server.key, material.client.key, material.signing.key]
-    for path in keys:
+    for path in (material.ca_key, material.client.key, material.signing.key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The daemon reads its key as the service user: group-readable, as the README installs it.
+    assert stat.S_IMODE(material.server.key.stat().st_mode) == 0o640
     for path in (material.ca_cert, material.server.cert, material.client.cert):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
-def test_regenerating_tightens_a_key_file_that_was_readable(tmp_path: Path) -> None:
-    key = tmp_path / "server.key"
+@pytest.mark.parametrize(("name", "mode"), [("server.key", 0o640), ("client.key", 0o600)])
+def test_regenerating_tightens_a_key_file_that_was_readable(
+    tmp_path: Path, name: str, mode: int
+) -> None:
+    key = tmp_path / name
     key.write_bytes(b"old")
     key.chmod(0o644)
     make_dev_pki(tmp_path, AGENT)
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.stat().st_mode) == mode
 
 
 def test_every_file_says_dev_test_only(material: DevMaterial) -> None:

@@ -36,8 +36,8 @@ NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
         ([], 0),
         ([Level.OK, Level.INFO], 0),
         ([Level.OK, Level.WARNING, Level.INFO], 1),
-        ([Level.WARNING, Level.PROBLEM], 2),
-        ([Level.PROBLEM], 2),
+        ([Level.WARNING, Level.PROBLEM], 5),  # 2 is a usage error (agent.cli_contract)
+        ([Level.PROBLEM], 5),
     ],
 )
 def test_exit_code_is_the_worst_level(levels: list[Level], code: int) -> None:

@@ -93,6 +93,15 @@ ACCEPTED = [
     ("2001:db8::1", P128_TEST, "2001:db8::1"),
     ("2001:db8:1:2::5", P64_TEST, "2001:db8:1:2::/64"),
     ("2001:db8:1:2::/64", P64_TEST, "2001:db8:1:2::/64"),
+    # IPv6 groups of one to four hex digits, either case, with or without leading zeros
+    ("2001:0DB8::0001", P128_TEST, "2001:db8::1"),
+    ("2001:0db8:0000:0000:0000:0000:0000:0001", P128_TEST, "2001:db8::1"),
+    ("2606:0470::1", P128, "2606:470::1"),
+    ("2606:4700::01", P128, "2606:4700::1"),
+    ("2606:4700:0000::1", P64, "2606:4700::/64"),
+    ("2606:4700:00:1::/64", P64, "2606:4700:0:1::/64"),
+    ("2A00:1450:4001:081C::200E", P128, "2a00:1450:4001:81c::200e"),
+    ("::FFFF:0808:0808", P128, "8.8.8.8"),
 ]
 
 
@@ -166,14 +175,16 @@ REFUSED = [
     # zone ids
     ("fe80::1%eth0", P64, INVALID),
     ("2606:4700::1%1", P128, INVALID),
-    # leading zeros: IPv4 octets, IPv6 groups, prefix length
+    # leading zeros: IPv4 octets (octal to some parsers) and prefix lengths; IPv6 groups are
+    # RFC 4291 text with them (ACCEPTED) but never longer than four hex digits
     ("08.8.8.8", P64, INVALID),
     ("8.8.8.010", P64, INVALID),
     ("8.8.08.8", P128, INVALID),
     ("::ffff:08.8.8.8", P64, INVALID),
-    ("2606:0470::1", P128, INVALID),
-    ("2606:4700::01", P128, INVALID),
-    ("2606:4700:0000::1", P64, INVALID),
+    ("2001:0DB8::08.8.8.8", P128_TEST, INVALID),
+    ("2606:04700::1", P128, INVALID),
+    ("2606:4700::00001", P128, INVALID),
+    ("2606:4700:00000::1", P64, INVALID),
     ("8.8.8.8/032", P64, INVALID),
     ("2606:4700::/064", P64, INVALID),
     ("2606:4700::1/0128", P128, INVALID),
