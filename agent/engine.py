@@ -450,6 +450,7 @@ class Engine:
                 self._release_memory()
             return
         self.last_loop_at = time.monotonic()
+        self._in_hand = [first]  # answered even if the drain itself failed
         self._in_hand = self._drain(first)
         group: list[_Pending] = []
         # Requests are grouped; a task runs in its place in the order of arrival.
@@ -531,8 +532,8 @@ class Engine:
             for p in group:
                 if not p.future.done():
                     self._process([p])
-        except Exception as exc:  # a bug must not kill the writer; answer and log it
-            log.exception("engine failure")
+        except Exception as exc:  # noqa: BLE001  # a bug must not kill the writer: answer, count
+            self.supervision.fault("writer", exc)
             for p in group:
                 if not p.future.done():
                     p.future.set_exception(Unavailable("internal_error", str(exc)))

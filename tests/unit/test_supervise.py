@@ -26,7 +26,7 @@ from agent.config import LocalConfig, MetricsConfig
 from agent.daemon import Status
 from agent.doctor import Level
 from agent.engine import Engine
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, Unavailable
 from agent.local.access import Peer
 from agent.local.client import LocalClient
 from agent.local.server import LocalServer
@@ -497,3 +497,28 @@ def test_doctor_flags_stalled_loops_as_a_problem_and_faults_as_a_warning() -> No
     assert (faulted.level, "verify 3" in faulted.summary) == (Level.WARNING, True)
     stalled = check_loops({"stalled": ["grpc"], "faults": quiet})
     assert (stalled.level, "grpc" in stalled.summary) == (Level.PROBLEM, True)
+
+
+class BuggyTable:
+    """A kernel adapter with a bug: every transaction raises something unexpected."""
+
+    def apply(self, *args: Any, **kwargs: Any) -> None:
+        raise KeyError(ADDRESS)
+
+
+def test_a_bug_while_applying_a_group_answers_the_caller_and_counts_a_writer_fault(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(store)
+    engine.table = cast(FirewallTable, BuggyTable())
+    engine.load()
+    engine.start()
+    try:
+        with caplog.at_level(logging.ERROR), pytest.raises(Unavailable) as err:
+            engine.submit(allow(1))
+        assert err.value.reason == "internal_error"
+        assert engine.supervision.faults()["writer"] == 1
+        assert alive(engine)
+        assert ADDRESS not in caplog.text
+    finally:
+        engine.stop()
