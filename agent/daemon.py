@@ -273,6 +273,9 @@ class Daemon:
         check_listen_free("metrics.listen", cfg.metrics.listen)
         try:
             self.store = self._open_store(cfg.state.directory / "state.db")
+            # A store from before the ceiling existed (an upgrade) gets one now, not at its
+            # first commit: a damage before that could not be recovered from above it.
+            self.store.record_ceiling()
         except StoreError as exc:
             log.error(
                 "cannot use the state database: %s", exc.message, extra={"REASON": exc.reason}

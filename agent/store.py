@@ -771,6 +771,10 @@ class Store:
                 "store_failed", self._ceiling.path, f"cannot record the version ceiling: {exc}"
             ) from exc
 
+    def record_ceiling(self) -> None:
+        """Make sure the ceiling beside the database covers its current version."""
+        self._cover(self.state_version())
+
     def replay_floor_ms(self) -> int:
         """Signed requests issued before this (unix ms) are refused: see ``resume_after_loss``."""
         with self._reading(one_statement=True) as conn:

@@ -53,6 +53,16 @@ def test_a_store_resumed_after_a_loss_continues_above_the_lost_one(tmp_path: Pat
         assert reopened.state_version() == version + 1
 
 
+def test_a_store_from_before_the_ceiling_gets_one_when_recorded(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    with Store.open(db) as store:
+        _commit(store, 7)
+    ceiling_path(db).unlink()  # as an agent without the ceiling left it
+    with Store.open(db) as store:
+        store.record_ceiling()
+    assert VersionCeiling(db).read() >= 7
+
+
 def test_a_healthy_store_refuses_no_request(tmp_path: Path) -> None:
     with Store.open(tmp_path / "state.db") as store:
         assert store.replay_floor_ms() == 0
