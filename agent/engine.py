@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
+from agent.expiry_slices import SliceSizer
+from agent.flowcuts import CutFlows, FlowCutter
 from agent.gcpause import collector_paused
 from agent.group_records import commit_batch
 from agent.grouping import MAX_GROUP, linger_left
 from agent.model import Address, EntryKey
 from agent.outcome import Outcome
-from agent.rules.conntrack import ForgetResult, forget_flows
+from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
 from agent.rules.table import FirewallTable
 from agent.state import (
@@ -226,8 +228,9 @@ class Engine:
         profiles: Sequence[str],
         forget_window_ms: int,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         history: int = HISTORY,
-        cut_flows: Callable[[Iterable[Address]], ForgetResult] = forget_flows,
+        cut_flows: CutFlows = forget_flows,
     ) -> None:
         self.store = store
         self.table = table
@@ -235,7 +238,10 @@ class Engine:
         self.profiles = tuple(profiles)
         self.forget_window_ms = forget_window_ms
         self.clock = clock
-        self.cut_flows = cut_flows
+        self._monotonic = monotonic  # times expiry slices (see agent.expiry_slices)
+        self._slices = SliceSizer()
+        # Cuts the flows of removed sources on its own thread (see agent.flowcuts).
+        self.cutter = FlowCutter(cut_flows)
         # Sources removed by the groups just processed, whose flows are cut once their callers
         # have their answers (see ``_run``).
         self._flows_to_cut: list[Address] = []
@@ -259,9 +265,6 @@ class Engine:
         self._expected = 0  # requests in the last group (see agent.grouping)
         # EXPIRED events published since start (read by the metrics; only the writer adds).
         self.expiries = 0
-        # Conntrack flows of revoked sources cut, and cuts that failed, since start (likewise).
-        self.flows_cut = 0
-        self.flow_cut_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -290,8 +293,19 @@ class Engine:
             for e in page.events
         )
 
+    @property
+    def flows_cut(self) -> int:
+        """Conntrack flows of revoked sources cut since start (read by the metrics)."""
+        return self.cutter.flows_cut
+
+    @property
+    def flow_cut_failures(self) -> int:
+        """Cuts that failed since start (likewise)."""
+        return self.cutter.failures
+
     def start(self) -> None:
         self.last_loop_at = time.monotonic()
+        self.cutter.start()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -360,6 +374,7 @@ class Engine:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self.cutter.stop()
         self._kernel.shutdown(wait=True)
 
     # --- callers -----------------------------------------------------------------------------
@@ -417,11 +432,16 @@ class Engine:
     def _run(self) -> None:
         while not self._stop_seen:
             try:
-                first = self._queue.get(timeout=TICK_S)
+                # With expiries due, one slice at a time between whatever is queued.
+                first = (
+                    self._queue.get_nowait()
+                    if self._expiry_due()
+                    else self._queue.get(timeout=TICK_S)
+                )
             except queue.Empty:
                 self.last_loop_at = time.monotonic()
                 self._expire()
-                if self._large_batch_done:
+                if self._large_batch_done and not self._expiry_due():
                     self._release_memory()
                 continue
             self.last_loop_at = time.monotonic()
@@ -581,6 +601,8 @@ class Engine:
         upserts, removals, refreshed = _partition(touched, before, final.entries)
         changes = len(upserts) + len(removals)
 
+        # Before the kernel allows them: no cut still to run may take their fresh flows.
+        self.cutter.allowing(e.key.address for e in upserts)
         intent_id = uuid.uuid4().hex
         stored_upserts = tuple(map(to_stored, upserts))  # for the intent and the commit
         self.store.write_intent(
@@ -654,14 +676,13 @@ class Engine:
         self._flows_to_cut += (e.key.address for e in removals)
 
     def _cut_flows(self) -> None:
-        """Cut the conntrack flows of the sources the last group removed, after its callers
-        were handed their answers: the sets already drop the sources' original-direction
-        packets, and finding the flows walks the conntrack table (tens of milliseconds)."""
+        """Hand the sources the last group removed to the flow cutter, after its callers were
+        handed their answers: the sets already drop the sources' original-direction packets,
+        and finding the flows walks the conntrack table (tens of milliseconds), which the
+        writer must not wait for."""
         if self._flows_to_cut:
             addresses, self._flows_to_cut = self._flows_to_cut, []
-            cut = self.cut_flows(addresses)
-            self.flows_cut += cut.deleted
-            self.flow_cut_failures += cut.failed
+            self.cutter.cut(addresses)
 
     def _start(self, beside: bool, transaction: Callable[[], object]) -> Future[object]:
         """The kernel transaction, on the kernel thread (``beside``) or here and now."""
@@ -728,19 +749,32 @@ class Engine:
 
     # --- expiry ------------------------------------------------------------------------------
 
+    def _expiry_due(self) -> bool:
+        """Whether an entry's time has come (stale deadlines included: they go quickly)."""
+        return bool(self._deadlines) and self._deadlines[0][0] <= self.now_ms()
+
     def _expire(self) -> None:
-        """Turn entries the kernel has stopped matching into EXPIRED events and state changes."""
+        """Turn entries the kernel has stopped matching into EXPIRED events and state changes,
+        one slice of them (see agent.expiry_slices): the writer takes the next request group
+        before the next slice, so a mass expiry never holds it for long."""
+        started = self._monotonic()
+        expired = self._expire_slice(self._slices.size)
+        if expired:
+            self._slices.observe(expired, self._monotonic() - started)
+
+    def _expire_slice(self, limit: int) -> int:
+        """Expire up to ``limit`` due entries; the number expired."""
         now = self.now_ms()
         due: list[_Deadline] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
+        while self._deadlines and self._deadlines[0][0] <= now and len(due) < limit:
             due.append(heapq.heappop(self._deadlines))
         if not due:
-            return
+            return 0
         keys = dict.fromkeys(EntryKey(p, Address.trusted(a)) for _, a, p in due)
         with self._lock:
             decision = expire(self.view, now, keys)
         if not decision.removals:
-            return  # every one was stale: refreshed or removed since
+            return 0  # every one was stale: refreshed or removed since
         final = self.view.working()
         first = final.state_version
         final.fold(decision)
@@ -759,9 +793,10 @@ class Engine:
             log.exception("could not record expiries; will retry")
             for item in due:
                 heapq.heappush(self._deadlines, item)
-            return
+            return 0
         with self._lock:
             self.view.adopt(final)
             self._history.extend(events)
         self.expiries += len(decision.events)
         self._announce()
+        return len(decision.removals)

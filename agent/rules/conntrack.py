@@ -11,6 +11,8 @@ a new original-direction entry and meets the sets.
 
 Never raises into the caller: the kernel sets have already changed when this runs, and a revoke
 must not be reported failed because conntrack was unavailable; failures are returned as a count.
+Each delete goes through the caller's ``guard``, which may spare a flow (see ``agent.flowcuts``:
+a source allowed again since the cut was asked for keeps its flows).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +43,24 @@ class ForgetResult:
 
     deleted: int
     failed: int
+    spared: int = 0  # flows the guard kept: their source was allowed again meanwhile
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Called with the sources a flow names (original, reply) right before its delete; the delete
+# happens inside the returned context, and only if it yields True.
+Guard = Callable[[Sequence[IPAddress | None]], AbstractContextManager[bool]]
+
+
+def unguarded(sources: Sequence[IPAddress | None]) -> AbstractContextManager[bool]:
+    """The guard that deletes every flow it is asked about."""
+    return nullcontext(True)
 
 
 # Up to this many single addresses of a family are looked up by the kernel (two filtered dumps
 # each); more, or any /64, take one dump of the family's flows matched here.
 FILTERED_LOOKUPS_MAX = 8
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,21 +110,24 @@ def _names(entry: Any, sources: _Sources) -> bool:
     )
 
 
-def forget_flows(addresses: Iterable[Address]) -> ForgetResult:
-    """Delete every conntrack entry whose original or reply source is one of ``addresses``."""
+def forget_flows(addresses: Iterable[Address], guard: Guard = unguarded) -> ForgetResult:
+    """Delete every conntrack entry whose original or reply source is one of ``addresses`` and
+    that ``guard`` lets go."""
     targets = list(dict.fromkeys(addresses))  # one address may leave several profiles
     if not targets:
         return ForgetResult(0, 0)
-    deleted = failed = 0
+    deleted = failed = spared = 0
     for family in sorted({a.family for a in targets}):
-        d, f = _forget_family(family, [a for a in targets if a.family == family])
+        d, f, s = _forget_family(family, [a for a in targets if a.family == family], guard)
         deleted += d
         failed += f
-    return ForgetResult(deleted, failed)
+        spared += s
+    return ForgetResult(deleted, failed, spared)
 
 
-def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
-    """(deleted, failed) among the flows of one address family (``targets`` are all of it)."""
+def _forget_family(family: int, targets: list[Address], guard: Guard) -> tuple[int, int, int]:
+    """(deleted, failed, spared) among the flows of one address family (``targets`` are all of
+    it)."""
     af = socket.AF_INET if family == 4 else socket.AF_INET6
     # One socket per family: ctnetlink answers a dump only with flows of the message's
     # nfgen_family and parses a delete's tuple by it, and pyroute2 defaults it to AF_INET.
@@ -119,26 +135,30 @@ def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
         ct = Conntrack(nfgen_family=af)
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
-        return 0, len(targets)
+        return 0, len(targets), 0
     sources = _Sources.of(targets, _local_addresses(af))
-    deleted = failed = 0
+    deleted = failed = spared = 0
     try:
         for entry in _candidates(ct, af, targets, sources):
             if not _names(entry, sources):  # also what the kernel's filter already ensured
                 continue
-            try:
-                ct.delete(entry)
-                deleted += 1
-            except NetlinkError as exc:
-                # Nothing to undo either way; a flow that timed out meanwhile is no failure.
-                if exc.code != errno.ENOENT:
-                    failed += 1
+            with guard((_source(entry, "tuple_orig"), _source(entry, "tuple_reply"))) as go:
+                if not go:
+                    spared += 1
+                    continue
+                try:
+                    ct.delete(entry)
+                    deleted += 1
+                except NetlinkError as exc:
+                    # Nothing to undo either way; a flow that timed out meanwhile is no failure.
+                    if exc.code != errno.ENOENT:
+                        failed += 1
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack dump failed, flows of revoked sources may persist: %s", exc)
         failed += 1
     finally:
         ct.close()
-    return deleted, failed
+    return deleted, failed, spared
 
 
 def _local_addresses(af: int) -> set[IPAddress]:

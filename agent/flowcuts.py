@@ -1,0 +1,155 @@
+"""The flow cutter: cuts the conntrack flows of revoked sources on a thread of its own, so the
+writer never waits for a walk over the conntrack table, and a source allowed again keeps the
+flows it opens after its new Allow.
+
+Owns its queue, its thread, its totals and the record of sources allowed while cuts are
+outstanding. Never changes the allow state or the sets, and never raises into the writer: a cut
+that breaks is logged with a reason word, counted, and the thread goes on with the next one.
+
+The ordering rule (a re-Allow must not lose its fresh flows to a late cut): the writer calls
+``allowing`` with a group's upserted sources *before* their kernel transaction, and ``cut`` with
+its removed sources after the group is answered. A cut spares every flow naming a source allowed
+after the cut was asked for. The check and the delete run under one lock that ``allowing``
+takes as well, so once ``allowing`` has returned no delete of such a flow is under way or still
+to come - and only after that can the Allow reach the kernel and a fresh flow of the source
+exist (a packet the sets drop never confirms a conntrack entry of its own). The writer waits
+for at most one netlink delete, and only while a cut is outstanding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from agent.model import Address
+from agent.rules.conntrack import ForgetResult, Guard, IPAddress, IPNetwork
+
+log = logging.getLogger(__name__)
+
+CutFlows = Callable[[Sequence[Address], Guard], ForgetResult]
+# A cut that breaks is retried by nobody; the thread waits this long before the next one, so a
+# failure that repeats cannot spin.
+FAILURE_PAUSE_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    addresses: tuple[Address, ...]
+    since: int  # the allow sequence number when the cut was asked for
+
+
+class FlowCutter:
+    """Cuts flows of revoked sources in the order they were revoked, one cut at a time."""
+
+    def __init__(self, cut_flows: CutFlows) -> None:
+        self._cut_flows = cut_flows
+        self._queue: queue.SimpleQueue[_Cut | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        # Networks allowed while a cut was outstanding, with the sequence number of their
+        # newest Allow; cleared when no cut is outstanding.
+        self._allowed: dict[IPNetwork, int] = {}
+        self._lengths: set[tuple[int, int]] = set()  # (version, prefix length) in _allowed
+        self._seq = 0
+        # Cuts asked for and not finished. Only the writer adds to it, so a writer that reads 0
+        # knows no cut older than its Allow can run.
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self.last_progress = time.monotonic()
+        # Totals since start, read by the metrics (only the cutter thread adds).
+        self.flows_cut = 0
+        self.failures = 0
+        self.spared = 0
+        self.errors = 0  # cuts that raised (a bug or a broken kernel interface)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="flowcuts", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the queued cuts, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- the writer's side -------------------------------------------------------------------
+
+    def cut(self, addresses: Iterable[Address]) -> None:
+        """Queue a cut of the flows of ``addresses`` (writer thread; returns at once)."""
+        targets = tuple(dict.fromkeys(addresses))
+        if not targets:
+            return
+        with self._lock:
+            self._outstanding += 1
+            job = _Cut(targets, self._seq)
+        if self._thread is None:  # not started (tests, start-up): cut here
+            self._work(job)
+        else:
+            self._queue.put(job)
+
+    def allowing(self, addresses: Iterable[Address]) -> None:
+        """Writer thread, before the kernel transaction that allows ``addresses``: no flow of
+        theirs is deleted by a cut asked for before this call, from its return on."""
+        if not self._outstanding:
+            return
+        with self._lock:
+            self._seq += 1
+            for a in addresses:
+                net = a.network
+                self._allowed[net] = self._seq
+                self._lengths.add((net.version, net.prefixlen))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether every cut asked for has finished within ``timeout`` (tests, shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    # --- the cutter thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._work(job)
+
+    def _work(self, job: _Cut) -> None:
+        try:
+            result = self._cut_flows(job.addresses, lambda ips: self._guard(job.since, ips))
+        except Exception:  # supervised: logged, counted, the thread goes on
+            log.exception("flow cut failed", extra={"REASON": "flow_cut_crashed"})
+            self.errors += 1
+            self.failures += len(job.addresses)
+            time.sleep(FAILURE_PAUSE_S)
+        else:
+            self.flows_cut += result.deleted
+            self.failures += result.failed
+            self.spared += result.spared
+        finally:
+            self.last_progress = time.monotonic()
+            with self._lock:
+                self._outstanding -= 1
+                if not self._outstanding:
+                    self._allowed.clear()
+                    self._lengths.clear()
+                    self._idle.notify_all()
+
+    @contextlib.contextmanager
+    def _guard(self, since: int, sources: Sequence[IPAddress | None]) -> Iterator[bool]:
+        with self._lock:  # held through the delete: see the module's ordering rule
+            yield not any(self._allowed_after(since, ip) for ip in sources if ip is not None)
+
+    def _allowed_after(self, since: int, ip: IPAddress) -> bool:
+        for version, length in self._lengths:
+            if version == ip.version:
+                net = ipaddress.ip_network((ip, length), strict=False)
+                if self._allowed.get(net, -1) > since:
+                    return True
+        return False
