@@ -41,7 +41,9 @@ def test_the_first_slice_is_small_enough_for_a_slow_machine() -> None:
         (1e-8, MOST),  # very fast: capped
     ],
 )
-def test_slices_settle_at_the_size_that_fits_the_budget(per_entry_s: float, settles_at: int) -> None:
+def test_slices_settle_at_the_size_that_fits_the_budget(
+    per_entry_s: float, settles_at: int
+) -> None:
     sizer = SliceSizer()
     for _ in range(30):
         sizer.observe(sizer.size, sizer.size * per_entry_s)
