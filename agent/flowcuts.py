@@ -38,10 +38,49 @@ CutFlows = Callable[[Sequence[Address], Guard], ForgetResult]
 FAILURE_PAUSE_S = 0.1
 
 
+# After a cut the thread rests as long as the cut took (at most this long), so that cutting
+# takes at most about half a core from the writer, and revokes that come meanwhile are cut
+# together: each cut walks the kernel's conntrack table (~10 ms per walk with 262,144 buckets,
+# two walks per address for up to 8 addresses, one walk and pyroute2's parsing of every flow
+# beyond that - see agent.rules.conntrack).
+REST_MAX_S = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class _Cut:
     addresses: tuple[Address, ...]
     since: int  # the allow sequence number when the cut was asked for
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Queued cuts taken together: their addresses, and for each address's network the
+    sequence number of its newest cut (an Allow after it spares the address's flows)."""
+
+    addresses: tuple[Address, ...]
+    since: dict[IPNetwork, int]
+    lengths: frozenset[tuple[int, int]]
+    cuts: int
+
+    @classmethod
+    def of(cls, cuts: list[_Cut]) -> _Batch:
+        since: dict[IPNetwork, int] = {}
+        for cut in cuts:
+            for a in cut.addresses:
+                since[a.network] = cut.since  # cuts come in order: the last is the newest
+        lengths = frozenset((net.version, net.prefixlen) for net in since)
+        addresses = tuple(dict.fromkeys(a for cut in cuts for a in cut.addresses))
+        return cls(addresses, since, lengths, len(cuts))
+
+    def cut_since(self, ip: IPAddress) -> int | None:
+        """When the newest cut naming ``ip`` was asked for; None: no cut names it."""
+        found = [
+            self.since.get(ipaddress.ip_network((ip, length), strict=False))
+            for version, length in self.lengths
+            if version == ip.version
+        ]
+        known = [s for s in found if s is not None]
+        return max(known) if known else None
 
 
 class FlowCutter:
@@ -114,19 +153,35 @@ class FlowCutter:
     # --- the cutter thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
                 return
-            self._work(job)
+            cuts = [first]
+            while True:  # every cut queued meanwhile goes with it
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                cuts.append(more)
+            started = time.monotonic()
+            self._work(_Batch.of(cuts))
+            if not stopping:
+                time.sleep(min(REST_MAX_S, time.monotonic() - started))
 
-    def _work(self, job: _Cut) -> None:
+    def _work(self, batch: _Batch | _Cut) -> None:
+        if isinstance(batch, _Cut):
+            batch = _Batch.of([batch])
         try:
-            result = self._cut_flows(job.addresses, lambda ips: self._guard(job.since, ips))
+            result = self._cut_flows(batch.addresses, lambda ips: self._guard(batch, ips))
         except Exception:  # supervised: logged, counted, the thread goes on
             log.exception("flow cut failed", extra={"REASON": "flow_cut_crashed"})
             self.errors += 1
-            self.failures += len(job.addresses)
+            self.failures += len(batch.addresses)
             time.sleep(FAILURE_PAUSE_S)
         else:
             self.flows_cut += result.deleted
@@ -135,18 +190,24 @@ class FlowCutter:
         finally:
             self.last_progress = time.monotonic()
             with self._lock:
-                self._outstanding -= 1
+                self._outstanding -= batch.cuts
                 if not self._outstanding:
                     self._allowed.clear()
                     self._lengths.clear()
                     self._idle.notify_all()
 
     @contextlib.contextmanager
-    def _guard(self, since: int, sources: Sequence[IPAddress | None]) -> Iterator[bool]:
+    def _guard(self, batch: _Batch, sources: Sequence[IPAddress | None]) -> Iterator[bool]:
         with self._lock:  # held through the delete: see the module's ordering rule
-            yield not any(self._allowed_after(since, ip) for ip in sources if ip is not None)
+            yield not any(self._allowed_after(batch, ip) for ip in sources if ip is not None)
 
-    def _allowed_after(self, since: int, ip: IPAddress) -> bool:
+    def _allowed_after(self, batch: _Batch, ip: IPAddress) -> bool:
+        """Whether ``ip`` was allowed after the newest cut naming it was asked for."""
+        if not self._allowed:
+            return False
+        since = batch.cut_since(ip)
+        if since is None:
+            return False  # the flow's other side (the host, a peer): not what the cut is for
         for version, length in self._lengths:
             if version == ip.version:
                 net = ipaddress.ip_network((ip, length), strict=False)

@@ -55,13 +55,18 @@ def count_elements(agent: DevAgent) -> int:
 
 
 @contextlib.contextmanager
-def bench_agent(prefix: str) -> Iterator[DevAgent]:
+def bench_agent(
+    prefix: str, *, firewall_toml: str = FIREWALL_TOML, extra_toml: str = ""
+) -> Iterator[DevAgent]:
     """A started daemon with an empty state in a fresh namespace, its notify socket drained;
-    the daemon, the namespace and the directory are gone on exit."""
+    the daemon, the namespace and the directory are gone on exit. ``firewall_toml=""`` gives
+    the default set sizes."""
     with (
         tempfile.TemporaryDirectory(prefix=f"{prefix}-") as tmp,
         scratch_netns(prefix) as netns,
-        DevAgent(Path(tmp), netns, table=TABLE, firewall_toml=FIREWALL_TOML) as agent,
+        DevAgent(
+            Path(tmp), netns, table=TABLE, firewall_toml=firewall_toml, extra_toml=extra_toml
+        ) as agent,
     ):
         agent.start(timeout=60)
         yield agent

@@ -12,12 +12,17 @@ answered; the clients run in the daemon's namespace, so no relay sits in the tim
 * Sync of 100,000: an empty daemon, one Sync of 100,000 new entries, against raw ``nft -f``
   adding the same elements (same timeouts, same comments) to a set of the same type, in the same
   run; the daemon's VmHWM is reset right before the Sync, so its peak is the Sync's.
+* The largest Sync the default config admits (65,536 entries of each family) replacing a table
+  as full, in a daemon with the default config: its peak RSS against the unit's MemoryMax.
+* Sequential single-address Revokes, each source with a live conntrack flow: the rate, and
+  whether every flow was cut afterwards.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import Figure, procfs
@@ -32,6 +37,11 @@ CONCURRENT = 3_000
 SYNC = 100_000
 RAW_REPEATS = 3
 SETTLE_S = 2.0
+DEFAULT_SET_SIZE = 65_536  # agent.config's set_size_ipv4 and set_size_ipv6
+HEADROOM = 0.75  # the largest request must peak below this share of MemoryMax
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "vicifast-agent.service"
+REVOKE_WARMUP = 50
+REVOKES = 1_000
 # Address indexes (see bench.rpc_worker.address): disjoint ranges per phase.
 SEQUENTIAL_FIRST = PRELOAD
 CONCURRENT_FIRST = 20_000
@@ -98,6 +108,48 @@ def sync_figures(sync: dict[str, Any], rss_after_mb: float) -> list[Figure]:
     ]
 
 
+def memory_max_mb(unit: Path = UNIT) -> float:
+    """The unit's ``MemoryMax`` in MB (MiB, as systemd reads ``M``)."""
+    for line in unit.read_text().splitlines():
+        if line.startswith("MemoryMax="):
+            value = line.partition("=")[2].strip()
+            scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}[value[-1]]
+            return float(value[:-1]) * scale
+    raise RuntimeError(f"no MemoryMax in {unit}")
+
+
+def sync_max_figure() -> Figure:
+    """Peak RSS of the largest Sync the default config admits (both families' sets full),
+    replacing a table just as full."""
+    cap = memory_max_mb()
+    with bench_agent("vf-bench-max", firewall_toml="") as agent:
+        got = work(agent, "sync_max", v4=DEFAULT_SET_SIZE, v6=DEFAULT_SET_SIZE)
+    return Figure(
+        "rpc.sync_max_peak_rss_mb",
+        got["peak_rss_mb"],
+        "MB",
+        HEADROOM * cap,
+        f"default config: Sync of {got['count']} (2 x {DEFAULT_SET_SIZE}) replacing as many, "
+        f"{got['sync_s']:.1f} s; VmHWM (reset before it; {got['rss_before_mb']:.0f} MB before); "
+        f"target {HEADROOM:.0%} of MemoryMax={cap:.0f}M",
+    )
+
+
+def revoke_seq_figure() -> Figure:
+    """Sequential single-address Revokes, each source with a live conntrack flow."""
+    with bench_agent("vf-bench-revoke") as agent:
+        got = work(agent, "revoke_seq", first=0, warmup=REVOKE_WARMUP, count=REVOKES)
+    return Figure(
+        "rpc.revoke_seq_per_s",
+        got["count"] / got["elapsed_s"],
+        "1/s",
+        note=f"{got['count']} Revokes, 1 caller, each source with a conntrack flow; flows "
+        f"{got['flows_before']} -> {got['flows_left']} left {got['cuts_done_s']:.1f} s after "
+        "the first timed Revoke",
+        target_min=300.0,
+    )
+
+
 def run() -> list[Figure]:
     with bench_agent("vf-bench-rpc") as agent:
         work(agent, "sync", first=0, count=PRELOAD, set_size=SET_SIZE, raw_repeats=0)
@@ -123,4 +175,4 @@ def run() -> list[Figure]:
         # first idle turn (within a second), so this is read once that has passed.
         time.sleep(SETTLE_S)
         rss_after = procfs.rss_mb(agent.pid)
-    return allow + sync_figures(sync, rss_after)
+    return [*allow, *sync_figures(sync, rss_after), sync_max_figure(), revoke_seq_figure()]
