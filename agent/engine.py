@@ -695,6 +695,11 @@ class Engine:
             done.set_exception(exc)
         return done
 
+    def release_memory_soon(self) -> None:
+        """Give freed memory back on the writer's next idle turn (any thread: a large request
+        was refused before it reached the writer)."""
+        self._large_batch_done = True
+
     def _release_memory(self) -> None:
         """After a large batch, on the first idle turn (its request and answer are gone by
         then): the store's page caches, unreachable cycles, and the C heap's free pages go

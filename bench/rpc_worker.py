@@ -43,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from agent.rpc.client import AgentClient, ClientIdentity, Entry
+from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.signing import new_request_id
 from agent.rules.render import allow_set, element_comment
@@ -270,8 +270,25 @@ def scenario_sync_max(p: dict[str, Any]) -> dict[str, Any]:
         result = c.send("Sync", envelope)
         elapsed = time.perf_counter() - started
         peak = procfs.peak_rss_mb(pid)
-    check(result, v4 + v6)
-    return {"count": v4 + v6, "rss_before_mb": before, "peak_rss_mb": peak, "sync_s": elapsed}
+        check(result, v4 + v6)
+        # One entry over the cap: refused by its count before its entries are built.
+        over = [entry(i) for i in range(v4 + 1)] + [entry6(i) for i in range(v6)]
+        refused = ""
+        try:
+            c.sync(over)
+        except AgentCallError as exc:
+            refused = exc.reason
+        del over
+        time.sleep(p.get("settle_s", 3.0))
+        after_refused = procfs.rss_mb(pid)
+    return {
+        "count": v4 + v6,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "sync_s": elapsed,
+        "refused": refused,
+        "rss_after_refused_mb": after_refused,
+    }
 
 
 FLOW_ARGS = ("-p", "udp", "-d", "198.19.255.254", "--dport", "5060", "--timeout", "600")
@@ -335,9 +352,13 @@ def scenario_mass_expiry(p: dict[str, Any]) -> dict[str, Any]:
         for i in range(count)
     ]
     with client(p["conn"], timeout_s=300) as c:
+        # The daemon dates the entries while it decides, after the call began: they expire
+        # ``ttl`` after a moment between these two.
+        sent = time.monotonic()
         synced = c.sync(grants)
+        sync_s = time.monotonic() - sent
         check(synced, count)
-        expires_at = time.monotonic() + ttl
+        expires_at = sent + ttl
         version = synced.state_version
         del grants
         readings: list[tuple[float, int]] = []  # (latency, expiries since the previous Allow)
@@ -359,7 +380,7 @@ def scenario_mass_expiry(p: dict[str, Any]) -> dict[str, Any]:
             expired += jump
             readings.append((latency, jump))
             i += 1
-    return {"count": count, "expired": expired, "readings": readings}
+    return {"count": count, "expired": expired, "readings": readings, "sync_s": sync_s}
 
 
 def count_elements(table: str) -> int:

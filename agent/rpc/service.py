@@ -197,6 +197,8 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
+            if big:  # a large refused request leaves memory for the writer's next idle turn
+                self.engine.release_memory_soon()
             await abort(context, exc)
 
     def _checked(
