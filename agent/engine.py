@@ -77,6 +77,8 @@ LARGE_BATCH = 10_000
 # From this many changes on, a group's kernel transaction runs beside the writing of its rows;
 # below, handing it to another thread and back costs more than the overlap gains.
 OVERLAP_BATCH = 1_000
+# Due entries expired before each request group, whatever else is due (see _expire_for).
+PRE_GROUP_SLICE = 100
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
 
@@ -454,7 +456,7 @@ class Engine:
                     group.append(item)
                     continue
                 if group:
-                    self._expire()
+                    self._expire_for(group)
                     with collector_paused() if self._large(group) else contextlib.nullcontext():
                         self._process(group)  # answers every request of the group
                     _hand_over(group)
@@ -772,11 +774,11 @@ class Engine:
         before the next slice, so a mass expiry never holds it for long."""
         started = self._monotonic()
         expired = self._expire_slice(self._slices.size)
-        if expired:
+        if expired > 0:
             self._slices.observe(expired, self._monotonic() - started)
 
     def _expire_slice(self, limit: int) -> int:
-        """Expire up to ``limit`` due entries; the number expired."""
+        """Expire up to ``limit`` due entries; the number expired, -1 if the store refused."""
         now = self.now_ms()
         due: list[_Deadline] = []
         while self._deadlines and self._deadlines[0][0] <= now and len(due) < limit:
@@ -784,6 +786,41 @@ class Engine:
         if not due:
             return 0
         keys = dict.fromkeys(EntryKey(p, Address.trusted(a)) for _, a, p in due)
+        expired = self._record_expiries(keys, now)
+        if expired < 0:
+            for item in due:
+                heapq.heappush(self._deadlines, item)
+        return expired
+
+    def _expire_for(self, group: list[_Pending]) -> None:
+        """Before ``group`` is decided: expire what it may see, so that a decision never meets
+        an entry whose time has passed (an Allow of one is ADDED, a Revoke of one NOT_FOUND).
+        The entries a group names are few and looked at alone; a group that may change any
+        entry (a Sync, an Erase, a Revoke by subject) waits for every due one."""
+        if not self._expiry_due():
+            return
+        # A small slice first: usually all that is due (or only deadlines left stale by
+        # refreshes), and it takes a mass expiry on a little while requests keep coming.
+        self._expire_slice(PRE_GROUP_SLICE)
+        if not self._expiry_due():
+            return
+        if any(_names_whole_state(p.cmd) for p in group):
+            while self._expiry_due() and self._expire_slice(self._slices.size) >= 0:
+                pass
+            return
+        named: dict[EntryKey, None] = {}
+        for p in group:
+            cmd = p.cmd
+            if isinstance(cmd, AllowCmd):
+                named.update((EntryKey(a.profile, a.address), None) for a in cmd.entries)
+            elif isinstance(cmd, RevokeCmd):
+                prof = (cmd.profile,) if cmd.profile else self.profiles
+                named.update((EntryKey(pr, a), None) for a in cmd.addresses for pr in prof)
+        # Their deadlines stay in the heap and are dropped as stale when their turn comes.
+        self._record_expiries(named, self.now_ms())
+
+    def _record_expiries(self, keys: Mapping[EntryKey, None], now: int) -> int:
+        """Expire the due ones of ``keys``: the number expired, -1 if the store refused."""
         with self._lock:
             decision = expire(self.view, now, keys)
         if not decision.removals:
@@ -804,9 +841,7 @@ class Engine:
             )
         except AgentError:
             log.exception("could not record expiries; will retry")
-            for item in due:
-                heapq.heappush(self._deadlines, item)
-            return 0
+            return -1
         with self._lock:
             self.view.adopt(final)
             self._history.extend(events)

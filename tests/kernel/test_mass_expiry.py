@@ -20,8 +20,6 @@ from agent.store import Store
 
 T0_MS = 1_900_000_000_000
 ENTRIES = 60_000
-# Far above one slice (about 20 ms), far below the whole expiry in one go (about 1 s here).
-ANSWER_WITHIN_S = 0.3
 
 
 class Clock:
@@ -76,6 +74,7 @@ def test_allows_are_answered_while_a_mass_expiry_is_in_progress(
     entries = tuple(AllowEntry(address(i), "agent", 600, "agent-1") for i in range(ENTRIES))
     synced = engine.submit(SyncCmd(meta(clock, 0, "Sync"), entries), timeout=120)
     clock.ms += 601_000  # every synced entry is due at once
+    began = time.monotonic()
 
     latencies: list[float] = []
     answered_during: list[int] = []  # entries still there when an Allow was answered
@@ -91,9 +90,12 @@ def test_allows_are_answered_while_a_mass_expiry_is_in_progress(
         answered_during.append(outcome.state_version - synced.state_version - n)
         n += 1
 
+    whole_s = time.monotonic() - began
     assert engine.entry_count == n - 1  # the synced entries are gone, the Allows stay
     assert engine.expiries == ENTRIES
     expired_before = answered_during[0]
     assert expired_before < ENTRIES  # the first Allow did not wait for the whole expiry
     assert sum(1 for expired in answered_during if expired < ENTRIES) >= 3
-    assert max(latencies) < ANSWER_WITHIN_S
+    # Each waited for a slice or two (about 20 ms each), not for the expiry (about 1 s on the
+    # dev machine; both grow alike on a loaded one).
+    assert max(latencies) < whole_s / 3

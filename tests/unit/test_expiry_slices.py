@@ -17,7 +17,16 @@ from agent.engine import Engine
 from agent.expiry_slices import BUDGET_S, FIRST_SLICE, LEAST, MOST, SliceSizer
 from agent.model import Address, AllowEntry
 from agent.rules.conntrack import ForgetResult, Guard
-from agent.state import AllowCmd, Limits, RequestMeta, StateView, SyncCmd
+from agent.state import (
+    AllowCmd,
+    Command,
+    Limits,
+    RequestMeta,
+    RevokeCmd,
+    StateView,
+    Status,
+    SyncCmd,
+)
 from agent.store import Store
 from agent.store_records import CommitBatch
 
@@ -226,3 +235,26 @@ def test_after_a_large_sync_the_entries_are_kept_out_of_full_collections(
         wait_for(lambda: gc.get_freeze_count() >= ENTRIES, "the entries frozen when idle")
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(("rpc", "status"), [("Allow", Status.ADDED), ("Revoke", Status.NOT_FOUND)])
+def test_a_request_in_a_mass_expiry_never_meets_an_entry_whose_time_has_passed(
+    engine: Engine, clocks: Clocks, rpc: str, status: Status
+) -> None:
+    """Slices leave entries whose time has passed in the state for a while; a request naming
+    one sees it expired first, as if every slice had run."""
+    engine.submit(
+        SyncCmd(
+            meta("Sync"),
+            tuple(AllowEntry(address(i), "agent", 600, "agent-1") for i in range(ENTRIES)),
+        )
+    )
+    late = address(ENTRIES - 1)  # far from the first slices (they go in address order)
+    clocks.wall += 601
+    cmd: Command = (
+        AllowCmd(meta("Allow"), (AllowEntry(late, "agent", 3600, "a-2"),))
+        if rpc == "Allow"
+        else RevokeCmd(meta("Revoke"), (late,), "", "")
+    )
+    (result,) = engine.submit(cmd).results
+    assert result.status == status
