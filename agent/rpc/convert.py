@@ -29,6 +29,10 @@ from agent.state import (
 
 
 def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[AllowEntry, ...]:
+    """The entries as values; over the cap (counted on the wire), each is only validated and
+    dropped, then the cap refuses the request: PROTOCOL.md puts field validation before caps,
+    and 200,000 entries built and then refused left the daemon ~390 MB larger."""
+    keep = len(raw) <= cfg.limits.max_entries_per_request
     out: list[AllowEntry] = []
     seen: set[tuple[str, str]] = set()
     profiles, policy, bounds = cfg.profile_names, cfg.address_policy, cfg.ttl  # once, not per entry
@@ -53,14 +57,13 @@ def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[All
                 f"entries[{i}]: {entry.address.text} in profile {entry.profile} appears twice",
             )
         seen.add(key)
-        out.append(entry)
+        if keep:
+            out.append(entry)
+    _check_size(len(raw), cfg)
     return tuple(out)
 
 
 def _check_size(count: int, cfg: AgentConfig) -> None:
-    """Refuse an over-cap request by its count on the wire (``len`` of the repeated field),
-    before one value is built of it: 200,000 entries built and then refused left the daemon
-    ~390 MB larger."""
     if count > cfg.limits.max_entries_per_request:
         raise ResourceExhausted(
             "request_too_large",
@@ -71,19 +74,16 @@ def _check_size(count: int, cfg: AgentConfig) -> None:
 def allow_command(msg: agent_pb2.AllowRequest, meta: RequestMeta, cfg: AgentConfig) -> AllowCmd:
     if not msg.entries:
         raise InvalidArgument("no_entries", "an Allow needs at least one entry")
-    _check_size(len(msg.entries), cfg)
     return AllowCmd(meta, _entries(msg.entries, cfg))
 
 
 def sync_command(msg: agent_pb2.SyncRequest, meta: RequestMeta, cfg: AgentConfig) -> SyncCmd:
-    _check_size(len(msg.entries), cfg)
     return SyncCmd(meta, _entries(msg.entries, cfg))  # empty is valid: it empties the set
 
 
 def revoke_command(msg: agent_pb2.RevokeRequest, meta: RequestMeta, cfg: AgentConfig) -> RevokeCmd:
     if bool(msg.addresses) == bool(msg.subject):
         raise InvalidArgument("invalid_revoke", "give either addresses or a subject, not both")
-    _check_size(len(msg.addresses), cfg)
     profile = resolve_profile(msg.profile, cfg.profile_names, "") if msg.profile else ""
     subject = check_subject(msg.subject)
     addresses = []
@@ -97,6 +97,7 @@ def revoke_command(msg: agent_pb2.RevokeRequest, meta: RequestMeta, cfg: AgentCo
             raise InvalidArgument("duplicate_entry", f"addresses[{i}]: {addr.text} appears twice")
         seen.add(addr)
         addresses.append(addr)
+    _check_size(len(addresses), cfg)
     return RevokeCmd(meta, tuple(addresses), subject, profile)
 
 

@@ -181,13 +181,13 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     async def _signed(
         self, rpc: SignedRpc[Any], envelope: Envelope, context: Context
     ) -> agent_pb2.ApplyResult:
+        big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
+            len(envelope.payload) > INLINE_PAYLOAD_BYTES
+        )
         try:
             s = self.settings
             caller = s.callers.identify(context)
             check = functools.partial(self._checked, rpc, envelope, caller, s)
-            big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
-                len(envelope.payload) > INLINE_PAYLOAD_BYTES
-            )
             checked = await self._large(check) if big else check()
             if isinstance(checked, Outcome):
                 outcome = checked
