@@ -40,9 +40,9 @@ FAILURE_PAUSE_S = 0.1
 
 # After a cut the thread rests as long as the cut took (at most this long), so that cutting
 # takes at most about half a core from the writer, and revokes that come meanwhile are cut
-# together: each cut walks the kernel's conntrack table (~10 ms per walk with 262,144 buckets,
-# two walks per address for up to 8 addresses, one walk and pyroute2's parsing of every flow
-# beyond that - see agent.rules.conntrack).
+# together: each cut walks the kernel's conntrack table (~10 ms per walk with 262,144 buckets;
+# two walks per address for up to 2 addresses, one walk and a read of every flow beyond that,
+# see agent.rules.conntrack), so many revokes cost one walk, not two each.
 REST_MAX_S = 0.25
 
 
