@@ -153,13 +153,16 @@ def revoke_seq_figure() -> Figure:
     """Sequential single-address Revokes, each source with a live conntrack flow."""
     with bench_agent("vf-bench-revoke") as agent:
         got = work(agent, "revoke_seq", first=0, warmup=REVOKE_WARMUP, count=REVOKES)
+        # The same daemon's sequential Allows, for scale: both are bound by the per-call cost.
+        allows = work(agent, "allow_seq", first=2 * REVOKES, warmup=REVOKE_WARMUP, count=REVOKES)
+    allow_rate = len(allows["latencies_s"]) / sum(allows["latencies_s"])
     return Figure(
         "rpc.revoke_seq_per_s",
         got["count"] / got["elapsed_s"],
         "1/s",
         note=f"{got['count']} Revokes, 1 caller, each source with a conntrack flow; flows "
         f"{got['flows_before']} -> {got['flows_left']} left {got['cuts_done_s']:.1f} s after "
-        "the first timed Revoke",
+        f"the first timed Revoke; sequential Allows in the same daemon: {allow_rate:.0f}/s",
         target_min=300.0,
     )
 
