@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, Unavailable
+from agent.expiry_slices import SliceSizer
+from agent.flowcuts import CutFlows, FlowCutter
 from agent.gcpause import collector_paused
 from agent.group_records import commit_batch
 from agent.grouping import MAX_GROUP, linger_left
 from agent.model import Address, EntryKey
 from agent.outcome import Outcome
-from agent.rules.conntrack import ForgetResult, forget_flows
+from agent.rules.conntrack import forget_flows
 from agent.rules.nft import release_free_memory
 from agent.rules.table import FirewallTable
 from agent.state import (
@@ -76,10 +78,12 @@ LARGE_BATCH = 10_000
 # From this many changes on, a group's kernel transaction runs beside the writing of its rows;
 # below, handing it to another thread and back costs more than the overlap gains.
 OVERLAP_BATCH = 1_000
+# Due entries expired before each request group, whatever else is due (see _expire_for).
+PRE_GROUP_SLICE = 100
 # How often the idle writer loop turns (checks expiries, proves it is alive to the watchdog).
 TICK_S = 1.0
 # The supervised loops (agent.supervise) that run on the writer thread.
-WRITER_LOOPS = ("writer", "expiry", "conntrack")
+WRITER_LOOPS = ("writer", "expiry")
 
 
 Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Outcome]"]
@@ -229,8 +233,9 @@ class Engine:
         profiles: Sequence[str],
         forget_window_ms: int,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         history: int = HISTORY,
-        cut_flows: Callable[[Iterable[Address]], ForgetResult] = forget_flows,
+        cut_flows: CutFlows = forget_flows,
         supervision: Supervision | None = None,
     ) -> None:
         self.store = store
@@ -239,13 +244,17 @@ class Engine:
         self.profiles = tuple(profiles)
         self.forget_window_ms = forget_window_ms
         self.clock = clock
-        self.cut_flows = cut_flows
-        # The writer, expiry and conntrack cuts are supervised loops (agent.supervise): a fault
-        # is counted and backed off from, never the end of the writer thread.
+        # The writer and expiry are supervised loops (agent.supervise): a fault is counted and
+        # backed off from, never the end of the writer thread. The flow cutter's thread is the
+        # "conntrack" loop.
         self.supervision = supervision if supervision is not None else Supervision()
         # What the writer's current turn took off the queue: answered with an error if the turn
         # fails unexpectedly, so that no caller waits for an answer that will never come.
         self._in_hand: list[_Pending | _Task | None] = []
+        self._monotonic = monotonic  # times expiry slices (see agent.expiry_slices)
+        self._slices = SliceSizer()
+        # Cuts the flows of removed sources on its own thread (see agent.flowcuts).
+        self.cutter = FlowCutter(cut_flows, self.supervision)
         # Sources removed by the groups just processed, whose flows are cut once their callers
         # have their answers (see ``_run``).
         self._flows_to_cut: list[Address] = []
@@ -270,9 +279,6 @@ class Engine:
         # EXPIRED events published since start (read by the metrics; only the writer adds).
         self.expiries = 0
         self.replay_floor_ms = 0  # see ``load``
-        # Conntrack flows of revoked sources cut, and cuts that failed, since start (likewise).
-        self.flows_cut = 0
-        self.flow_cut_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -289,6 +295,8 @@ class Engine:
         # Signed requests issued before this are refused (a recovery lost the request log).
         self.replay_floor_ms = self.store.replay_floor_ms()
         self._reset_deadlines()
+        # Many entries loaded: collect and freeze them on the first idle turn, as after a Sync.
+        self._large_batch_done = len(self.view.entries) >= LARGE_BATCH
         start = max(0, self.view.state_version - self._keep)
         page = self.store.events_since(start, self._keep)
         self._history.clear()
@@ -303,10 +311,21 @@ class Engine:
             for e in page.events
         )
 
+    @property
+    def flows_cut(self) -> int:
+        """Conntrack flows of revoked sources cut since start (read by the metrics)."""
+        return self.cutter.flows_cut
+
+    @property
+    def flow_cut_failures(self) -> int:
+        """Cuts that failed since start (likewise)."""
+        return self.cutter.failures
+
     def start(self) -> None:
         self.last_loop_at = time.monotonic()
         for name in WRITER_LOOPS:
             self.supervision.watch(name)
+        self.cutter.start()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -377,6 +396,7 @@ class Engine:
             self._thread = None
             for name in WRITER_LOOPS:
                 self.supervision.unwatch(name)
+        self.cutter.stop()
         self._kernel.shutdown(wait=True)
 
     # --- callers -----------------------------------------------------------------------------
@@ -441,12 +461,17 @@ class Engine:
     def _turn(self) -> None:
         """One turn of the writer: an idle tick (side work), or what the queue holds."""
         try:
-            first = self._queue.get(timeout=TICK_S)
+            # With expiries due (and expiry not backing off from a fault), one slice at a time
+            # between whatever is queued.
+            first = (
+                self._queue.get_nowait()
+                if self._expiry_due() and self.supervision.due("expiry")
+                else self._queue.get(timeout=TICK_S)
+            )
         except queue.Empty:
             self.last_loop_at = time.monotonic()
             self._side_work("expiry", self._expire)
-            self._side_work("conntrack", self._cut_flows)
-            if self._large_batch_done:
+            if self._large_batch_done and not self._expiry_due():
                 self._release_memory()
             return
         self.last_loop_at = time.monotonic()
@@ -459,19 +484,19 @@ class Engine:
                 group.append(item)
                 continue
             if group:
-                self._side_work("expiry", self._expire)
+                self._side_work("expiry", functools.partial(self._expire_for, group))
                 with collector_paused() if self._large(group) else contextlib.nullcontext():
                     self._process(group)  # answers every request of the group
                 _hand_over(group)
-                self._side_work("conntrack", self._cut_flows)
+                self._cut_flows()
                 group = []
             if isinstance(item, _Task):
                 self._run_task(item)
         self._in_hand = []
 
     def _side_work(self, name: str, work: Callable[[], None]) -> None:
-        """Expiry and flow cuts on the writer's turns, each a supervised loop of its own: a
-        fault is counted and backed off from (the work waits), the writer's turn goes on."""
+        """Expiry on the writer's turns, a supervised loop of its own: a fault is counted and
+        backed off from (the work waits), the writer's turn goes on."""
         if self.supervision.due(name):
             self.supervision.guarded(name, work)
 
@@ -626,6 +651,8 @@ class Engine:
         upserts, removals, refreshed = _partition(touched, before, final.entries)
         changes = len(upserts) + len(removals)
 
+        # Before the kernel allows them: no cut still to run may take their fresh flows.
+        self.cutter.allowing(e.key.address for e in upserts)
         intent_id = uuid.uuid4().hex
         stored_upserts = tuple(map(to_stored, upserts))  # for the intent and the commit
         self.store.write_intent(
@@ -699,18 +726,13 @@ class Engine:
         self._flows_to_cut += (e.key.address for e in removals)
 
     def _cut_flows(self) -> None:
-        """Cut the conntrack flows of the sources the last group removed, after its callers
-        were handed their answers: the sets already drop the sources' original-direction
-        packets, and finding the flows walks the conntrack table (tens of milliseconds)."""
+        """Hand the sources the last group removed to the flow cutter, after its callers were
+        handed their answers: the sets already drop the sources' original-direction packets,
+        and finding the flows walks the conntrack table (tens of milliseconds), which the
+        writer must not wait for."""
         if self._flows_to_cut:
             addresses, self._flows_to_cut = self._flows_to_cut, []
-            try:
-                cut = self.cut_flows(addresses)
-            except Exception:
-                self.flow_cut_failures += len(addresses)  # counted, then the fault is logged
-                raise
-            self.flows_cut += cut.deleted
-            self.flow_cut_failures += cut.failed
+            self.cutter.cut(addresses)
 
     def _start(self, beside: bool, transaction: Callable[[], object]) -> Future[object]:
         """The kernel transaction, on the kernel thread (``beside``) or here and now."""
@@ -723,14 +745,25 @@ class Engine:
             done.set_exception(exc)
         return done
 
+    def release_memory_soon(self) -> None:
+        """Give freed memory back on the writer's next idle turn (any thread: a large request
+        was refused before it reached the writer)."""
+        self._large_batch_done = True
+
     def _release_memory(self) -> None:
         """After a large batch, on the first idle turn (its request and answer are gone by
         then): the store's page caches, unreachable cycles, and the C heap's free pages go
         back. A 100,000-entry Sync leaves about 90 MB that would otherwise stay with the
-        process."""
+        process.
+
+        What survives is frozen out of the collector's reach (``gc.freeze``): the entries are
+        acyclic and freed by reference counting when they go, and a full collection walking
+        100,000 of them held every thread 130 to 370 ms on a loaded machine - in the middle of
+        a mass expiry, too. Objects made later are collected as usual."""
         self._large_batch_done = False
         self.store.release_memory()
         gc.collect()
+        gc.freeze()
         release_free_memory()
 
     def _undo(
@@ -777,19 +810,67 @@ class Engine:
 
     # --- expiry ------------------------------------------------------------------------------
 
+    def _expiry_due(self) -> bool:
+        """Whether an entry's time has come (stale deadlines included: they go quickly)."""
+        return bool(self._deadlines) and self._deadlines[0][0] <= self.now_ms()
+
     def _expire(self) -> None:
-        """Turn entries the kernel has stopped matching into EXPIRED events and state changes."""
+        """Turn entries the kernel has stopped matching into EXPIRED events and state changes,
+        one slice of them (see agent.expiry_slices): the writer takes the next request group
+        before the next slice, so a mass expiry never holds it for long."""
+        started = self._monotonic()
+        expired = self._expire_slice(self._slices.size)
+        if expired > 0:
+            self._slices.observe(expired, self._monotonic() - started)
+
+    def _expire_slice(self, limit: int) -> int:
+        """Expire up to ``limit`` due entries; the number expired, -1 if the store refused."""
         now = self.now_ms()
         due: list[_Deadline] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
+        while self._deadlines and self._deadlines[0][0] <= now and len(due) < limit:
             due.append(heapq.heappop(self._deadlines))
         if not due:
-            return
+            return 0
         keys = dict.fromkeys(EntryKey(p, Address.trusted(a)) for _, a, p in due)
+        expired = self._record_expiries(keys, now)
+        if expired < 0:
+            for item in due:
+                heapq.heappush(self._deadlines, item)
+        return expired
+
+    def _expire_for(self, group: list[_Pending]) -> None:
+        """Before ``group`` is decided: expire what it may see, so that a decision never meets
+        an entry whose time has passed (an Allow of one is ADDED, a Revoke of one NOT_FOUND).
+        The entries a group names are few and looked at alone; a group that may change any
+        entry (a Sync, an Erase, a Revoke by subject) waits for every due one."""
+        if not self._expiry_due():
+            return
+        # A small slice first: usually all that is due (or only deadlines left stale by
+        # refreshes), and it takes a mass expiry on a little while requests keep coming.
+        self._expire_slice(PRE_GROUP_SLICE)
+        if not self._expiry_due():
+            return
+        if any(_names_whole_state(p.cmd) for p in group):
+            while self._expiry_due() and self._expire_slice(self._slices.size) >= 0:
+                pass
+            return
+        named: dict[EntryKey, None] = {}
+        for p in group:
+            cmd = p.cmd
+            if isinstance(cmd, AllowCmd):
+                named.update((EntryKey(a.profile, a.address), None) for a in cmd.entries)
+            elif isinstance(cmd, RevokeCmd):
+                prof = (cmd.profile,) if cmd.profile else self.profiles
+                named.update((EntryKey(pr, a), None) for a in cmd.addresses for pr in prof)
+        # Their deadlines stay in the heap and are dropped as stale when their turn comes.
+        self._record_expiries(named, self.now_ms())
+
+    def _record_expiries(self, keys: Mapping[EntryKey, None], now: int) -> int:
+        """Expire the due ones of ``keys``: the number expired, -1 if the store refused."""
         with self._lock:
             decision = expire(self.view, now, keys)
         if not decision.removals:
-            return  # every one was stale: refreshed or removed since
+            return 0  # every one was stale: refreshed or removed since
         final = self.view.working()
         first = final.state_version
         final.fold(decision)
@@ -806,11 +887,10 @@ class Engine:
             )
         except AgentError:
             log.exception("could not record expiries; will retry")
-            for item in due:
-                heapq.heappush(self._deadlines, item)
-            return
+            return -1
         with self._lock:
             self.view.adopt(final)
             self._history.extend(events)
         self.expiries += len(decision.events)
         self._announce()
+        return len(decision.removals)

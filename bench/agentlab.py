@@ -27,6 +27,9 @@ TABLE = "vicifast"
 # entries a bench adds before it.
 SET_SIZE = 131_072
 FIREWALL_TOML = f"set_size_ipv4 = {SET_SIZE}\nset_size_ipv6 = 1024"
+# The default caps admit 65,536 entries (the unit's MemoryMax, see the README's "Known misses");
+# the 100,000-entry figures need them raised, as an operator would with a larger MemoryMax.
+LIMITS_TOML = "[limits]\nmax_entries_per_request = 200000\nmax_entries = 200000"
 
 
 def connection(agent: DevAgent) -> dict[str, Any]:
@@ -55,14 +58,23 @@ def count_elements(agent: DevAgent) -> int:
 
 
 @contextlib.contextmanager
-def bench_agent(prefix: str, *, api_toml: str = "") -> Iterator[DevAgent]:
+def bench_agent(
+    prefix: str,
+    *,
+    firewall_toml: str = FIREWALL_TOML,
+    extra_toml: str = LIMITS_TOML,
+    api_toml: str = "",
+) -> Iterator[DevAgent]:
     """A started daemon with an empty state in a fresh namespace, its notify socket drained;
-    the daemon, the namespace and the directory are gone on exit. ``api_toml``: more keys of
-    its ``[api]`` table."""
+    the daemon, the namespace and the directory are gone on exit. ``firewall_toml=""`` gives
+    the default set sizes, ``extra_toml=""`` the default caps; ``api_toml``: more keys of its
+    ``[api]`` table."""
     with (
         tempfile.TemporaryDirectory(prefix=f"{prefix}-") as tmp,
         scratch_netns(prefix) as netns,
-        DevAgent(Path(tmp), netns, table=TABLE, firewall_toml=FIREWALL_TOML) as agent,
+        DevAgent(
+            Path(tmp), netns, table=TABLE, firewall_toml=firewall_toml, extra_toml=extra_toml
+        ) as agent,
     ):
         if api_toml:
             agent.write_config(agent.config_text().replace("[api]\n", f"[api]\n{api_toml}\n"))

@@ -13,7 +13,9 @@ it reads: /proc of the daemon for memory and CPU, READY=1 on the notify socket f
    same state directory; time to READY=1, then the restored elements are counted;
 5. drift: a Sync down to 10,000 entries, then ``nft flush ruleset`` until all are back (the
    median of ``DRIFT_REPEATS``). A repair that does not come within ``DRIFT_DEADLINE_S`` is
-   reported as not measured (NaN), never as a number.
+   reported as not measured (NaN), never as a number;
+6. mass expiry: a fresh daemon, one Sync of 100,000 entries with the least TTL, then single
+   Allows one after another until all of them have expired; the longest Allow while they do.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FULL = 100_000
 DRIFT_ENTRIES = 10_000
 DRIFT_REPEATS = 3
 DRIFT_DEADLINE_S = 10.0
+MASS_EXPIRY_TTL_S = 90  # more than a loaded machine takes for the Sync (the least TTL is 60)
 IDLE_SETTLE_S = 2.0
 
 
@@ -111,6 +114,36 @@ def drift_figure(repairs: list[float | None]) -> Figure:
     )
 
 
+def mass_expiry_figure() -> Figure:
+    """The longest single Allow while ``FULL`` entries of one Sync expire together: an upper
+    bound of the writer's longest hold (it adds the call's own ~2 ms)."""
+    name, target = "daemon.mass_expiry_writer_hold_ms", 50.0
+    with bench_agent("vf-bench-expiry") as agent:
+        got = work(agent, "mass_expiry", count=FULL, ttl_s=MASS_EXPIRY_TTL_S, probe_first=FULL)
+    readings = got["readings"]
+    during = [i for i, (_, expired) in enumerate(readings) if expired]
+    if got["expired"] < FULL or not during or got["sync_s"] > MASS_EXPIRY_TTL_S / 2:
+        return Figure(
+            name,
+            float("nan"),
+            "ms",
+            target,
+            f"NOT MEASURED: {got['expired']} of {FULL} expiries seen, Sync took "
+            f"{got['sync_s']:.0f} s of the {MASS_EXPIRY_TTL_S} s TTL",
+        )
+    window = readings[during[0] : during[-1] + 1]
+    longest = max(latency for latency, _ in window)
+    return Figure(
+        name,
+        longest * 1000,
+        "ms",
+        target,
+        f"longest of {len(window)} sequential Allows answered while {FULL // 1000}k entries "
+        f"expired together (Allow latency: an upper bound of the hold); median "
+        f"{statistics.median(lat for lat, _ in window) * 1000:.1f} ms",
+    )
+
+
 def run() -> list[Figure]:
     figures: list[Figure] = []
     with bench_agent("vf-bench-daemon") as agent:
@@ -173,4 +206,5 @@ def run() -> list[Figure]:
             )
             figures.append(drift_figure(drift(agent)))
             agent.stop(timeout=60)
+    figures.append(mass_expiry_figure())
     return figures

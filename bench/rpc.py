@@ -17,14 +17,20 @@ answered; the clients run in the daemon's namespace, so no relay sits in the tim
 * Sync of 100,000: an empty daemon, one Sync of 100,000 new entries, against raw ``nft -f``
   adding the same elements (same timeouts, same comments) to a set of the same type, in the same
   run; the daemon's VmHWM is reset right before the Sync, so its peak is the Sync's.
+* The largest Sync the default config admits (its caps, IPv6 first) replacing a table as
+  full, in a daemon with the default config: its peak RSS against the unit's MemoryMax.
+* Sequential single-address Revokes, each source with a live conntrack flow: the rate, and
+  whether every flow was cut afterwards.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
+from agent.config import FirewallConfig, LimitsConfig
 from bench import Figure, procfs
 from bench.agentlab import SET_SIZE, bench_agent, work
 from bench.flood import Flood
@@ -45,6 +51,10 @@ IDLE_CALLS = 1_000
 # (the quiet reference takes the IDLE_WARMUP + IDLE_CALLS addresses below IDLE_FIRST)
 # Room for the flood and the bench's own connection (the default caps: 1,024 and 64).
 IDLE_API_TOML = "max_connections = 2100\nmax_connections_per_source = 64"
+HEADROOM = 0.75  # the largest request must peak below this share of MemoryMax
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "vicifast-agent.service"
+REVOKE_WARMUP = 50
+REVOKES = 1_000
 # Address indexes (see bench.rpc_worker.address): disjoint ranges per phase.
 SEQUENTIAL_FIRST = PRELOAD
 CONCURRENT_FIRST = 20_000
@@ -149,6 +159,65 @@ def sync_figures(sync: dict[str, Any], rss_after_mb: float) -> list[Figure]:
     ]
 
 
+def memory_max_mb(unit: Path = UNIT) -> float:
+    """The unit's ``MemoryMax`` in MB (MiB, as systemd reads ``M``)."""
+    for line in unit.read_text().splitlines():
+        if line.startswith("MemoryMax="):
+            value = line.partition("=")[2].strip()
+            scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}[value[-1]]
+            return float(value[:-1]) * scale
+    raise RuntimeError(f"no MemoryMax in {unit}")
+
+
+def largest_request() -> tuple[int, int]:
+    """(IPv4, IPv6) entries of the largest Sync the default config admits: as many as the caps
+    allow, IPv6 first (a /64 is an interval: more kernel and libnftables memory per entry)."""
+    limits, firewall = LimitsConfig(), FirewallConfig()
+    largest = min(
+        limits.max_entries_per_request,
+        limits.max_entries,
+        firewall.set_size_ipv4 + firewall.set_size_ipv6,
+    )
+    v6 = min(largest, firewall.set_size_ipv6)
+    return largest - v6, v6
+
+
+def sync_max_figure() -> Figure:
+    """Peak RSS of the largest Sync the default config admits, replacing a table as full."""
+    cap = memory_max_mb()
+    v4, v6 = largest_request()
+    with bench_agent("vf-bench-max", firewall_toml="", extra_toml="") as agent:
+        got = work(agent, "sync_max", v4=v4, v6=v6)
+    return Figure(
+        "rpc.sync_max_peak_rss_mb",
+        got["peak_rss_mb"],
+        "MB",
+        HEADROOM * cap,
+        f"default config: Sync of {v4} IPv4 + {v6} IPv6 entries replacing as many, "
+        f"{got['sync_s']:.1f} s; VmHWM (reset before it; {got['rss_before_mb']:.0f} MB before); "
+        f"target {HEADROOM:.0%} of MemoryMax={cap:.0f}M; one entry more refused "
+        f"({got['refused'] or 'NOT REFUSED'}), {got['rss_after_refused_mb']:.0f} MB after",
+    )
+
+
+def revoke_seq_figure() -> Figure:
+    """Sequential single-address Revokes, each source with a live conntrack flow."""
+    with bench_agent("vf-bench-revoke") as agent:
+        got = work(agent, "revoke_seq", first=0, warmup=REVOKE_WARMUP, count=REVOKES)
+        # The same daemon's sequential Allows, for scale: both are bound by the per-call cost.
+        allows = work(agent, "allow_seq", first=2 * REVOKES, warmup=REVOKE_WARMUP, count=REVOKES)
+    allow_rate = len(allows["latencies_s"]) / sum(allows["latencies_s"])
+    return Figure(
+        "rpc.revoke_seq_per_s",
+        got["count"] / got["elapsed_s"],
+        "1/s",
+        note=f"{got['count']} Revokes, 1 caller, each source with a conntrack flow; flows "
+        f"{got['flows_before']} -> {got['flows_left']} left {got['cuts_done_s']:.1f} s after "
+        f"the first timed Revoke; sequential Allows in the same daemon: {allow_rate:.0f}/s",
+        target_min=300.0,
+    )
+
+
 def run() -> list[Figure]:
     with bench_agent("vf-bench-rpc") as agent:
         work(agent, "sync", first=0, count=PRELOAD, set_size=SET_SIZE, raw_repeats=0)
@@ -174,4 +243,4 @@ def run() -> list[Figure]:
         # first idle turn (within a second), so this is read once that has passed.
         time.sleep(SETTLE_S)
         rss_after = procfs.rss_mb(agent.pid)
-    return allow + sync_figures(sync, rss_after)
+    return [*allow, *sync_figures(sync, rss_after), sync_max_figure(), revoke_seq_figure()]

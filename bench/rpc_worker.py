@@ -16,6 +16,13 @@ Scenarios:
   reported, so the figure is the agent's throughput, not this process's;
 * ``sync``       - one Sync of many entries with ``AgentClient.sync`` (build, sign, send, answer),
   against raw ``nft -f`` of the same elements into a set of the same type, in the same run.
+* ``sync_max``   - the largest Sync a config admits (``v4`` + ``v6`` entries), replacing a table
+  as full (other addresses of both families): the daemon's peak RSS during the second Sync;
+* ``revoke_seq`` - single-address Revokes one after another, each source with a live conntrack
+  flow (inserted with ``conntrack -I``), and how many flows were left once the cuts were done;
+* ``mass_expiry``- one Sync whose entries all expire together, then single Allows one after
+  another until every one of them has expired: each Allow's latency and how many expiries its
+  answer's state_version shows since the previous one;
 * ``count``      - how many elements the agent's allow set holds.
 """
 
@@ -36,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from agent.rpc.client import AgentClient, ClientIdentity, Entry
+from agent.rpc.client import AgentCallError, AgentClient, ClientIdentity, Entry
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
 from agent.rpc.signing import new_request_id
 from agent.rules.render import allow_set, element_comment
@@ -68,6 +75,20 @@ def entry(i: int) -> Entry:
 
 def entries(first: int, count: int) -> list[Entry]:
     return [entry(i) for i in range(first, first + count)]
+
+
+def address6(i: int) -> str:
+    """The ``i``-th bench IPv6 source, each in a /64 of its own (the default policy's unit)."""
+    return f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1"
+
+
+def entry6(i: int) -> Entry:
+    return Entry(
+        address6(i),
+        ttl_seconds=3600 + i % 600,
+        subject=f"agent-{i:06d}@dialer-{i % 40:02d}.example.com",
+        profile=PROFILE,
+    )
 
 
 # --- connections -------------------------------------------------------------------------------
@@ -233,6 +254,136 @@ def scenario_sync(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def scenario_sync_max(p: dict[str, Any]) -> dict[str, Any]:
+    """A full table of ``v4`` + ``v6`` entries, then one Sync replacing all of them."""
+    v4, v6, pid = p["v4"], p["v6"], p["daemon_pid"]
+    full = [entry(i) for i in range(v4)] + [entry6(i) for i in range(v6)]
+    other = [entry(i) for i in range(v4, 2 * v4)] + [entry6(i) for i in range(v6, 2 * v6)]
+    with client(p["conn"], timeout_s=600) as c:
+        check(c.sync(full), len(full))
+        del full
+        time.sleep(p.get("settle_s", 3.0))  # the daemon gives memory back on an idle turn
+        before = procfs.rss_mb(pid)
+        envelope = c.envelope_sync(other)
+        del other
+        procfs.reset_peak_rss(pid)
+        started = time.perf_counter()
+        result = c.send("Sync", envelope)
+        elapsed = time.perf_counter() - started
+        peak = procfs.peak_rss_mb(pid)
+        check(result, v4 + v6)
+        # One entry over the cap: refused by its count before its entries are built.
+        over = [entry(i) for i in range(v4 + 1)] + [entry6(i) for i in range(v6)]
+        refused = ""
+        try:
+            c.sync(over)
+        except AgentCallError as exc:
+            refused = exc.reason
+        del over
+        time.sleep(p.get("settle_s", 3.0))
+        after_refused = procfs.rss_mb(pid)
+    return {
+        "count": v4 + v6,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "sync_s": elapsed,
+        "refused": refused,
+        "rss_after_refused_mb": after_refused,
+    }
+
+
+FLOW_ARGS = ("-p", "udp", "-d", "198.19.255.254", "--dport", "5060", "--timeout", "600")
+
+
+def _insert_flow(source: str, sport: int) -> None:
+    subprocess.run(
+        ["conntrack", "-I", *FLOW_ARGS, "-s", source, "--sport", str(sport)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _flows_of(sources: set[str]) -> int:
+    listing = subprocess.run(
+        ["conntrack", "-L", "-p", "udp", "--dport", "5060"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return sum(
+        1 for line in listing.stdout.splitlines() if any(f"src={s} " in line for s in sources)
+    )
+
+
+def scenario_revoke_seq(p: dict[str, Any]) -> dict[str, Any]:
+    first, warmup, count = p["first"], p["warmup"], p["count"]
+    indexes = range(first, first + warmup + count)
+    with client(p["conn"], timeout_s=60) as c:
+        check(c.allow([entry(i) for i in indexes]), len(indexes))
+        for i in indexes if p.get("flows", True) else ():
+            _insert_flow(address(i), 20_000 + i % 40_000)
+        flows_before = _flows_of({address(i) for i in indexes})
+        for i in indexes[:warmup]:
+            check(c.revoke([address(i)]), 1)
+        timed_range = indexes[warmup:]
+        started = time.perf_counter()
+        for i in timed_range:
+            check(c.revoke([address(i)]), 1)
+        elapsed = time.perf_counter() - started
+    # The cuts run after the answers: wait (bounded) until the last one is done.
+    sources = {address(i) for i in indexes}
+    deadline = time.monotonic() + p.get("cut_deadline_s", 60.0)
+    left = _flows_of(sources)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _flows_of(sources)
+    return {
+        "count": len(timed_range),
+        "elapsed_s": elapsed,
+        "flows_before": flows_before,
+        "flows_left": left,
+        "cuts_done_s": time.perf_counter() - started,
+    }
+
+
+def scenario_mass_expiry(p: dict[str, Any]) -> dict[str, Any]:
+    count, ttl, probe_first = p["count"], p["ttl_s"], p["probe_first"]
+    grants = [
+        Entry(address(i), ttl_seconds=ttl, subject=f"agent-{i:06d}", profile=PROFILE)
+        for i in range(count)
+    ]
+    with client(p["conn"], timeout_s=300) as c:
+        # The daemon dates the entries while it decides, after the call began: they expire
+        # ``ttl`` after a moment between these two.
+        sent = time.monotonic()
+        synced = c.sync(grants)
+        sync_s = time.monotonic() - sent
+        check(synced, count)
+        expires_at = sent + ttl
+        version = synced.state_version
+        del grants
+        readings: list[tuple[float, int]] = []  # (latency, expiries since the previous Allow)
+        expired = 0
+        i = probe_first
+        deadline = expires_at + p.get("deadline_s", 120.0)
+        # Start a little before the entries' time, so the first expiries meet an Allow.
+        while time.monotonic() < expires_at - 1.0:
+            time.sleep(0.05)
+        while expired < count and time.monotonic() < deadline:
+            started = time.perf_counter()
+            result = c.allow(
+                [Entry(address(i), ttl_seconds=3600, subject="probe", profile=PROFILE)]
+            )
+            latency = time.perf_counter() - started
+            check(result, 1)
+            jump = result.state_version - version - 1
+            version = result.state_version
+            expired += jump
+            readings.append((latency, jump))
+            i += 1
+    return {"count": count, "expired": expired, "readings": readings, "sync_s": sync_s}
+
+
 def count_elements(table: str) -> int:
     listing = subprocess.run(
         ["nft", "-j", "list", "set", "inet", table, allow_set(PROFILE, 4)],
@@ -255,6 +406,9 @@ SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "allow_conc": scenario_allow_conc,
     "sync": scenario_sync,
     "count": scenario_count,
+    "sync_max": scenario_sync_max,
+    "revoke_seq": scenario_revoke_seq,
+    "mass_expiry": scenario_mass_expiry,
 }
 
 

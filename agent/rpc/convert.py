@@ -29,6 +29,10 @@ from agent.state import (
 
 
 def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[AllowEntry, ...]:
+    """The entries as values; over the cap (counted on the wire), each is only validated and
+    dropped, then the cap refuses the request: PROTOCOL.md puts field validation before caps,
+    and 200,000 entries built and then refused left the daemon ~390 MB larger."""
+    keep = len(raw) <= cfg.limits.max_entries_per_request
     out: list[AllowEntry] = []
     seen: set[tuple[str, str]] = set()
     profiles, policy, bounds = cfg.profile_names, cfg.address_policy, cfg.ttl  # once, not per entry
@@ -53,7 +57,9 @@ def _entries(raw: Sequence[agent_pb2.AllowEntry], cfg: AgentConfig) -> tuple[All
                 f"entries[{i}]: {entry.address.text} in profile {entry.profile} appears twice",
             )
         seen.add(key)
-        out.append(entry)
+        if keep:
+            out.append(entry)
+    _check_size(len(raw), cfg)
     return tuple(out)
 
 
@@ -68,15 +74,11 @@ def _check_size(count: int, cfg: AgentConfig) -> None:
 def allow_command(msg: agent_pb2.AllowRequest, meta: RequestMeta, cfg: AgentConfig) -> AllowCmd:
     if not msg.entries:
         raise InvalidArgument("no_entries", "an Allow needs at least one entry")
-    entries = _entries(msg.entries, cfg)
-    _check_size(len(entries), cfg)
-    return AllowCmd(meta, entries)
+    return AllowCmd(meta, _entries(msg.entries, cfg))
 
 
 def sync_command(msg: agent_pb2.SyncRequest, meta: RequestMeta, cfg: AgentConfig) -> SyncCmd:
-    entries = _entries(msg.entries, cfg)  # empty is valid: it empties the dynamic set
-    _check_size(len(entries), cfg)
-    return SyncCmd(meta, entries)
+    return SyncCmd(meta, _entries(msg.entries, cfg))  # empty is valid: it empties the set
 
 
 def revoke_command(msg: agent_pb2.RevokeRequest, meta: RequestMeta, cfg: AgentConfig) -> RevokeCmd:

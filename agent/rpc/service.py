@@ -294,13 +294,13 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         self, rpc: SignedRpc[Any], envelope: Envelope, context: Context
     ) -> agent_pb2.ApplyResult:
         notes = CallNotes()
+        big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
+            len(envelope.payload) > INLINE_PAYLOAD_BYTES
+        )
         try:
             s = self.settings
             caller = s.callers.identify(context)
             check = functools.partial(self._checked, rpc, envelope, caller, s, notes)
-            big = isinstance(envelope, agent_pb2.SignedEnvelope) and (
-                len(envelope.payload) > INLINE_PAYLOAD_BYTES
-            )
             checked = await self._large(check) if big else check()
             if isinstance(checked, Outcome):
                 outcome = checked
@@ -310,6 +310,8 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                 return await self._large(functools.partial(_result, outcome))
             return _result(outcome)
         except AgentError as exc:
+            if big:  # a large refused request leaves memory for the writer's next idle turn
+                self.engine.release_memory_soon()
             self.refused(rpc.name, exc, context, notes)
             await abort(context, exc)
 

@@ -11,6 +11,8 @@ a new original-direction entry and meets the sets.
 
 Never raises into the caller: the kernel sets have already changed when this runs, and a revoke
 must not be reported failed because conntrack was unavailable; failures are returned as a count.
+Each delete goes through the caller's ``guard``, which may spare a flow (see ``agent.flowcuts``:
+a source allowed again since the cut was asked for keeps its flows).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from agent.model import Address
+from agent.rules.ctnetlink import CtNetlink
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,25 @@ class ForgetResult:
 
     deleted: int
     failed: int
+    spared: int = 0  # flows the guard kept: their source was allowed again meanwhile
 
-
-# Up to this many single addresses of a family are looked up by the kernel (two filtered dumps
-# each); more, or any /64, take one dump of the family's flows matched here.
-FILTERED_LOOKUPS_MAX = 8
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Called with the sources a flow names (original, reply) right before its delete; the delete
+# happens inside the returned context, and only if it yields True.
+Guard = Callable[[Sequence[IPAddress | None]], AbstractContextManager[bool]]
+
+
+def unguarded(sources: Sequence[IPAddress | None]) -> AbstractContextManager[bool]:
+    """The guard that deletes every flow it is asked about."""
+    return nullcontext(True)
+
+
+# Up to this many single addresses of a family are looked up by the kernel (two filtered dumps
+# each, ~10 ms of kernel time per dump with 262,144 buckets); more, or any /64, take one dump
+# of the family's flows (one walk, ~15 us per flow read in agent.rules.ctnetlink), matched here.
+FILTERED_LOOKUPS_MAX = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,48 +112,96 @@ def _names(entry: Any, sources: _Sources) -> bool:
     )
 
 
-def forget_flows(addresses: Iterable[Address]) -> ForgetResult:
-    """Delete every conntrack entry whose original or reply source is one of ``addresses``."""
+def forget_flows(addresses: Iterable[Address], guard: Guard = unguarded) -> ForgetResult:
+    """Delete every conntrack entry whose original or reply source is one of ``addresses`` and
+    that ``guard`` lets go."""
     targets = list(dict.fromkeys(addresses))  # one address may leave several profiles
     if not targets:
         return ForgetResult(0, 0)
-    deleted = failed = 0
+    deleted = failed = spared = 0
     for family in sorted({a.family for a in targets}):
-        d, f = _forget_family(family, [a for a in targets if a.family == family])
+        d, f, s = _forget_family(family, [a for a in targets if a.family == family], guard)
         deleted += d
         failed += f
-    return ForgetResult(deleted, failed)
+        spared += s
+    return ForgetResult(deleted, failed, spared)
 
 
-def _forget_family(family: int, targets: list[Address]) -> tuple[int, int]:
-    """(deleted, failed) among the flows of one address family (``targets`` are all of it)."""
+def _forget_family(family: int, targets: list[Address], guard: Guard) -> tuple[int, int, int]:
+    """(deleted, failed, spared) among the flows of one address family (``targets`` are all of
+    it)."""
     af = socket.AF_INET if family == 4 else socket.AF_INET6
+    if not _filtered(targets):
+        return _forget_by_dump(af, targets, guard)
     # One socket per family: ctnetlink answers a dump only with flows of the message's
     # nfgen_family and parses a delete's tuple by it, and pyroute2 defaults it to AF_INET.
     try:
         ct = Conntrack(nfgen_family=af)
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
-        return 0, len(targets)
+        return 0, len(targets), 0
     sources = _Sources.of(targets, _local_addresses(af))
-    deleted = failed = 0
+    deleted = failed = spared = 0
     try:
         for entry in _candidates(ct, af, targets, sources):
             if not _names(entry, sources):  # also what the kernel's filter already ensured
                 continue
-            try:
-                ct.delete(entry)
-                deleted += 1
-            except NetlinkError as exc:
-                # Nothing to undo either way; a flow that timed out meanwhile is no failure.
-                if exc.code != errno.ENOENT:
-                    failed += 1
+            with guard((_source(entry, "tuple_orig"), _source(entry, "tuple_reply"))) as go:
+                if not go:
+                    spared += 1
+                    continue
+                try:
+                    ct.delete(entry)
+                    deleted += 1
+                except NetlinkError as exc:
+                    # Nothing to undo either way; a flow that timed out meanwhile is no failure.
+                    if exc.code != errno.ENOENT:
+                        failed += 1
     except (OSError, NetlinkError) as exc:
         log.warning("conntrack dump failed, flows of revoked sources may persist: %s", exc)
         failed += 1
     finally:
         ct.close()
-    return deleted, failed
+    return deleted, failed, spared
+
+
+def _filtered(targets: list[Address]) -> bool:
+    """Whether the kernel is to look ``targets`` up (see ``_candidates``)."""
+    return len(targets) <= FILTERED_LOOKUPS_MAX and not any("/" in a.text for a in targets)
+
+
+def _forget_by_dump(af: int, targets: list[Address], guard: Guard) -> tuple[int, int, int]:
+    """(deleted, failed, spared): one dump of the family's flows, matched here."""
+    try:
+        ct = CtNetlink(af)
+    except OSError as exc:
+        log.warning("conntrack unavailable, flows of revoked sources not cut: %s", exc)
+        return 0, len(targets), 0
+    sources = _Sources.of(targets, _local_addresses(af))
+    deleted = failed = spared = 0
+    with ct:
+        try:
+            # The whole dump first: a delete's answer must not come amid the dump's.
+            named = [
+                f
+                for f in ct.dump()
+                if sources.match(f.orig_source) or sources.match(f.reply_source)
+            ]
+        except OSError as exc:
+            log.warning("conntrack dump failed, flows of revoked sources may persist: %s", exc)
+            return 0, 1, 0
+        for flow in named:
+            with guard((flow.orig_source, flow.reply_source)) as go:
+                if not go:
+                    spared += 1
+                    continue
+                try:
+                    ct.delete(flow)
+                    deleted += 1
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:  # gone meanwhile: no failure
+                        failed += 1
+    return deleted, failed, spared
 
 
 def _local_addresses(af: int) -> set[IPAddress]:
@@ -163,7 +226,7 @@ def _candidates(ct: Conntrack, af: int, targets: list[Address], sources: _Source
     Every flow returned is matched here too, so a kernel that ignores the filter costs time,
     not correctness; one that refuses it gets the single dump.
     """
-    if len(targets) <= FILTERED_LOOKUPS_MAX and not any("/" in a.text for a in targets):
+    if _filtered(targets):
         try:
             return _looked_up(ct, af, targets, sources)
         except NetlinkError as exc:  # a kernel that refuses the filter: match every flow here

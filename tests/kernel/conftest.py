@@ -30,7 +30,7 @@ def make_engine(rig: Rig, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     made: list[tuple[Engine, Store]] = []
 
     def make(**kwargs: Any) -> Engine:
-        kwargs.setdefault("cut_flows", lambda addresses: ForgetResult(0, 0))
+        kwargs.setdefault("cut_flows", lambda addresses, guard: ForgetResult(0, 0))
         store = Store.open(tmp_path / f"state-{len(made)}.db")
         engine = Engine(
             store=store,

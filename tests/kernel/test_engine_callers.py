@@ -16,7 +16,7 @@ from tablekit import Rig
 from agent.engine import Engine
 from agent.model import Address, AllowEntry
 from agent.outcome import Outcome
-from agent.rules.conntrack import ForgetResult
+from agent.rules.conntrack import ForgetResult, Guard
 from agent.state import AllowCmd, Command, RequestMeta, RevokeCmd, StateView
 
 
@@ -106,7 +106,7 @@ def test_a_revoke_is_answered_before_the_flows_of_its_sources_are_cut(
     answered, cut_done = threading.Event(), threading.Event()
     cuts: list[tuple[list[str], bool]] = []
 
-    def cut_flows(addresses: Iterable[Address]) -> ForgetResult:
+    def cut_flows(addresses: Iterable[Address], guard: Guard) -> ForgetResult:
         cuts.append(([a.text for a in addresses], answered.wait(5)))
         cut_done.set()
         return ForgetResult(deleted=2, failed=1)

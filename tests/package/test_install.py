@@ -225,9 +225,9 @@ def test_the_monitoring_kit_is_installed_and_the_metrics_see_the_units_caps(
             return str(r.read().decode())
 
     text = system.lab.srv.call(scrape)
-    # LimitNOFILE=65536 in the shipped unit; the memory limit only where the container's
+    # LimitNOFILE=16384 in the shipped unit; the memory limit only where the container's
     # systemd was given the memory controller (MemoryMax=768M)
-    assert re.search(r"^process_max_fds 65536\.0$", text, re.M)
+    assert re.search(r"^process_max_fds 16384\.0$", text, re.M)
     assert re.search(r"^process_resident_memory_bytes \d", text, re.M)
     limit = re.search(r"^vicifast_agent_memory_limit_bytes (\S+)$", text, re.M)
     assert limit is None or float(limit.group(1)) == 768 * 2**20

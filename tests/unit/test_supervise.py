@@ -276,7 +276,7 @@ def allow(n: int, ttl: int = 600) -> AllowCmd:
 def test_writer_survives_emfile_from_a_flow_cut_and_counts_the_cut_as_failed(
     store: Store,
 ) -> None:
-    def cut(addresses: Any) -> ForgetResult:
+    def cut(addresses: Any, guard: Any) -> ForgetResult:
         raise emfile()
 
     engine = make_engine(store, cut_flows=cut)
@@ -286,6 +286,8 @@ def test_writer_survives_emfile_from_a_flow_cut_and_counts_the_cut_as_failed(
         engine.submit(allow(1))
         engine.submit(RevokeCmd(meta(2, "Revoke"), (Address.trusted(ADDRESS),)))
         assert alive(engine)
+        # Cuts run on the flow cutter's thread (the "conntrack" loop) once the writer queued them.
+        assert engine.cutter.wait_idle(5.0)
         assert engine.flow_cut_failures == 1
         assert engine.supervision.faults()["conntrack"] == 1
         assert engine.supervision.faults()["writer"] == 0
