@@ -47,7 +47,7 @@ SETTLE_S = 2.0
 IDLE_CONNECTIONS = 2_000
 IDLE_PER_SOURCE = 50
 IDLE_WARMUP = 50
-IDLE_CALLS = 1_000
+IDLE_CALLS = 3_000  # about 9 s: at least one round of handshake timeouts and re-opens
 # (the quiet reference takes the IDLE_WARMUP + IDLE_CALLS addresses below IDLE_FIRST)
 # Room for the flood and the bench's own connection (the default caps: 1,024 and 64).
 IDLE_API_TOML = "max_connections = 2100\nmax_connections_per_source = 64"

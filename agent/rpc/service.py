@@ -105,13 +105,18 @@ def _decoded(request: MessageT | Undecodable) -> MessageT:
     return request
 
 
+# A write pending this long means the watcher is not reading (a reading one's writes complete
+# in milliseconds, bursts included); the open streams are looked at this often.
+WATCH_BLOCKED_S = 1.0
+
+
 @dataclass(slots=True, eq=False)
 class Watcher:
     """One open event stream (loop thread only): how far it got, and whether it is stuck."""
 
     since: int
     buffer: int = 0  # events that may wait for it while its write is blocked; 0 = no check
-    writing: bool = False
+    writing_since: float = 0.0  # loop time its pending write began; 0 = none pending
     behind: bool = False
 
 
@@ -119,12 +124,16 @@ class Watchers:
     """The open event streams, capped apart from the other RPCs (``api.max_watchers``).
 
     Loop thread only. The health service's Watch streams count here too: any stream that stays
-    open is a watcher, and none may take the capacity of the other RPCs.
+    open is a watcher, and none may take the capacity of the other RPCs. While streams are
+    open, every ``WATCH_BLOCKED_S`` a watcher whose write has been pending that long, with more
+    than its buffer of events waiting for it, is marked ``behind``.
     """
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, version: Callable[[], int]) -> None:
         self.cap = cap  # fixed at start: gRPC's own limit, made at start, counts it in
+        self._version = version
         self._open: set[Watcher] = set()
+        self._checking: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -134,15 +143,24 @@ class Watchers:
             raise ResourceExhausted("too_many_watchers", f"{self.cap} event streams are open")
         w = Watcher(since)
         self._open.add(w)
+        if self._checking is None:
+            self._checking = asyncio.get_running_loop().call_later(WATCH_BLOCKED_S, self._check)
         return w
 
     def leave(self, w: Watcher) -> None:
         self._open.discard(w)
 
-    def mark_behind(self, version: int) -> None:
+    def _check(self) -> None:
+        self._checking = None
+        if not self._open:
+            return
+        loop = asyncio.get_running_loop()
+        blocked_since = loop.time() - WATCH_BLOCKED_S
+        version = self._version()
         for w in self._open:
-            if w.writing and w.buffer and version - w.since > w.buffer:
+            if 0 < w.writing_since <= blocked_since and w.buffer and version - w.since > w.buffer:
                 w.behind = True
+        self._checking = loop.call_later(WATCH_BLOCKED_S, self._check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +245,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()  # replaced after each change: set means "look again"
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rpc-big")
-        self.watchers = Watchers(settings.config.api.max_watchers)
+        self.watchers = Watchers(settings.config.api.max_watchers, lambda: engine.state_version)
         self.refusals = RateLimitedLog(
             refusal_log, per_minute=REFUSAL_LOG_PER_MINUTE, burst=REFUSAL_LOG_BURST
         )
@@ -258,7 +276,6 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
     def _wake_watchers(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        self.watchers.mark_behind(self.engine.state_version)
 
     async def _large(self, fn: Callable[[], T]) -> T:
         """``fn`` for a large request or answer: off the loop, and without cyclic collections
@@ -431,9 +448,9 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         watcher falls behind (PROTOCOL.md, WatchEvents).
 
         Each message is one awaited write, so what waits for a watcher that does not read is
-        gRPC's flow-controlled stream window, never a queue of ours. While a write is blocked
-        the writer's changes mark the watcher ``behind`` once more than
-        ``api.watch_buffer_events`` wait for it (``_wake_watchers``); its next message is then
+        gRPC's flow-controlled stream window, never a queue of ours. A watcher whose write has
+        been pending ``WATCH_BLOCKED_S`` while more than ``api.watch_buffer_events`` events wait
+        for it is marked ``behind`` (``Watchers``); its next message is then
         ``RESYNC_REQUIRED`` and the stream ends. A write blocked ``api.watch_stall_timeout_s``
         ends the stream at once: the message it was writing and those before it are still
         delivered, then ``RESOURCE_EXHAUSTED watcher_stalled``.
@@ -441,8 +458,10 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
         stall_s = cfg.api.watch_stall_timeout_s
         w.buffer = cfg.api.watch_buffer_events
 
+        loop = asyncio.get_running_loop()
+
         async def send(msg: agent_pb2.AgentEvent) -> None:
-            w.writing = True
+            w.writing_since = loop.time()
             try:
                 await asyncio.wait_for(context.write(msg), stall_s)
             except TimeoutError:
@@ -452,7 +471,7 @@ class FirewallAgentService(agent_pb2_grpc.FirewallAgentServicer):
                     ResourceExhausted("watcher_stalled", f"no message read for {stall_s} s"),
                 )
             finally:
-                w.writing = False
+                w.writing_since = 0.0
 
         complete, events = self.engine.events_after(w.since)
         if not complete:

@@ -21,6 +21,7 @@ from netlab import Lab
 
 from agent.devlab import DevAgent
 from agent.rpc.pb import agent_pb2, agent_pb2_grpc
+from agent.rpc.service import WATCH_BLOCKED_S
 
 MAX_WATCHERS = 6
 BUFFER = 50
@@ -134,6 +135,8 @@ def test_a_watcher_that_stops_reading_gets_resync_required_and_its_stream_ends(
         # hundred, and the writes wait while the rest keep coming.
         for batch in range(8):
             _allow_many(rig, 50 + batch, 250)
+        # It stays away a while (the behaviour under test), less than its stall timeout.
+        time.sleep(4 * WATCH_BLOCKED_S)
         events = list(stream)  # ends: no DEADLINE_EXCEEDED
         assert events[-1].kind == KIND.RESYNC_REQUIRED
         assert "behind" in events[-1].detail
@@ -163,5 +166,19 @@ def test_a_watcher_that_never_reads_is_ended_after_the_stall_timeout(rig: AgentR
         fresh = _watch(channel)
         assert next(fresh).state_version >= 1
         fresh.cancel()  # type: ignore[attr-defined]
+    finally:
+        channel.close()
+
+
+def test_a_reading_watcher_takes_a_burst_far_over_its_buffer_whole(rig: AgentRig) -> None:
+    channel = _channel(rig)
+    try:
+        since = rig.raw.state().state_version
+        stream = _watch(channel, since)
+        _allow_many(rig, 80, 1000)  # one group: 1,000 events at once, 20 times the buffer
+        got = [next(stream) for _ in range(1000)]
+        assert {e.kind for e in got} == {KIND.ADDED}
+        assert [e.state_version for e in got] == list(range(since + 1, since + 1001))
+        stream.cancel()  # type: ignore[attr-defined]
     finally:
         channel.close()
