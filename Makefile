@@ -1,5 +1,5 @@
 # vicifast-agent developer entry points. Every target installs what it needs on a fresh
-# Debian 12 machine (as root) and is quick when already set up.
+# Debian 12 or 13 machine (as root) and is quick when already set up.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -18,8 +18,8 @@ help:
 	@echo "make bench  - performance figures -> bench/results.json"
 	@echo "make soak   - long runs (idle-connection flood, 300 watchers, a watcher that never reads)"
 	@echo "make lint   - ruff + mypy --strict on agent/"
-	@echo "make deb    - dist/vicifast-agent_<version>_amd64.deb (VERSION=... for another version)"
-	@echo "make test-package - build, lint and install/upgrade/purge the .deb in a booted Debian 12"
+	@echo "make deb    - dist/vicifast-agent_<version>~deb12u1_amd64.deb (RELEASE=trixie: ~deb13u1)"
+	@echo "make test-package - build, lint, install/upgrade/purge each release's .deb in a booted one"
 
 # Debian packages: installed only when one is missing, so a set-up machine never calls apt.
 .stamp-apt: Makefile
@@ -76,17 +76,30 @@ demo: setup
 clean:
 	rm -rf $(VENV) $(PB_DIR) .stamp-* .mypy_cache .ruff_cache .pytest_cache
 
-# --- packaging (issue 6): the .deb, its install test in a booted Debian 12, lint ------------------
+# --- packaging (issue 6, 20): one .deb per Debian release, its install test in a booted system ---
 # Version: agent/__init__.py's __version__; `make deb VERSION=0.1.0+1` builds another (newer) one.
-VERSION     := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
-DEB_ARCH    := $(shell dpkg --print-architecture)
-DEB         := dist/vicifast-agent_$(VERSION)_$(DEB_ARCH).deb
+# RELEASE: the Debian release the package is for (packaging/releases; default: this machine's).
+# The package's version is VERSION plus that release's suffix: 0.1.0~deb12u1, 0.1.0~deb13u1.
+# Another release than this machine's is built inside a debootstrapped root of it.
+VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/__init__.py)
+DEB_ARCH     := $(shell dpkg --print-architecture)
+HOST_RELEASE := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
+RELEASES     := $(shell awk '!/^\#/ && NF { print $$1 }' packaging/releases)
+RELEASE      ?= $(HOST_RELEASE)
+deb_suffix    = $(shell awk -v r='$(1)' '$$1 == r { print $$3 }' packaging/releases)
+# $(call deb_file,VERSION,RELEASE) and $(call build_deb,VERSION,RELEASE)
+deb_file      = dist/vicifast-agent_$(1)$(call deb_suffix,$(2))_$(DEB_ARCH).deb
+build_deb     = $(if $(filter $(2),$(HOST_RELEASE)),bash packaging/build-deb.sh $(PY) $(1) $(WHEEL_CACHE) $(2),bash packaging/build-in-root.sh $(2) $(1) $(WHEEL_CACHE))
+DEB          := $(call deb_file,$(VERSION),$(RELEASE))
 # Wheels downloaded once and reused by every build (the package build itself is offline).
 WHEEL_CACHE ?= /var/cache/vicifast-agent-build/wheels
-# Tools only the packaging targets need; `make test` does not install them.
-PACKAGE_APT_PKGS := debhelper dpkg-dev lintian python3-venv debootstrap systemd-container
+# Tools only the packaging targets need; `make test` does not install them. build-essential:
+# dpkg-buildpackage checks it (build-essential:native) before any Build-Depends.
+PACKAGE_APT_PKGS := build-essential debhelper dpkg-dev lintian python3-venv debootstrap systemd-container
+# The releases `make test-package` builds and tests (CI runs one at a time, to time each).
+TEST_RELEASES ?= $(RELEASES)
 
-.PHONY: deb lint-package test-package
+.PHONY: deb lint-package test-package check-release
 
 .stamp-apt-package: Makefile
 	@missing=$$(for p in $(PACKAGE_APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -96,20 +109,37 @@ PACKAGE_APT_PKGS := debhelper dpkg-dev lintian python3-venv debootstrap systemd-
 	fi
 	@touch $@
 
-deb: setup .stamp-apt-package
-	bash packaging/build-deb.sh $(PY) $(VERSION) $(WHEEL_CACHE)
+check-release:
+	@for r in $(RELEASE) $(TEST_RELEASES); do \
+	  case " $(RELEASES) " in *" $$r "*) ;; \
+	  *) echo "RELEASE '$$r' is not one of: $(RELEASES) (packaging/releases)" >&2; exit 2 ;; esac; \
+	done
+
+# The build on this machine's release uses the dev venv's pip for the wheel cache.
+deb: check-release .stamp-apt-package $(if $(filter $(RELEASE),$(HOST_RELEASE)),setup)
+	$(call build_deb,$(VERSION),$(RELEASE))
 
 # lintian: no error and no warning (overrides, each with its reason: debian/*.lintian-overrides);
 # the unit's sandbox exposure must stay <= 1.5 (--threshold counts tenths).
-lint-package: .stamp-apt-package
-	@test -f $(DEB) || { echo "no $(DEB): run make deb first" >&2; exit 1; }
+lint-package: check-release .stamp-apt-package
+	@test -f $(DEB) || { echo "no $(DEB): run make deb RELEASE=$(RELEASE) first" >&2; exit 1; }
 	lintian --fail-on error,warning --display-info $(DEB)
 	set -o pipefail; systemd-analyze security --offline=yes --threshold=15 systemd/vicifast-agent.service | tail -1
 
-# Builds this version and a newer one, then installs, upgrades, removes and purges them in a
-# booted Debian 12 container (systemd-nspawn) on a private network: see tests/package/.
-test-package: deb
-	bash packaging/build-deb.sh $(PY) $(VERSION)+pkgtest1 $(WHEEL_CACHE)
-	$(MAKE) --no-print-directory lint-package
-	VICIFAST_DEB=$(DEB) VICIFAST_DEB_NEWER=dist/vicifast-agent_$(VERSION)+pkgtest1_$(DEB_ARCH).deb \
+# For each of TEST_RELEASES: builds this version and a newer one, lints them, then installs,
+# upgrades, removes and purges them in a booted container of that release (systemd-nspawn) on
+# a private network: see tests/package/.
+test-package: check-release setup .stamp-apt-package
+	@set -e; for r in $(TEST_RELEASES); do \
+	  if [ "$$r" = "$(HOST_RELEASE)" ]; then \
+	    bash packaging/build-deb.sh $(PY) $(VERSION) $(WHEEL_CACHE) $$r; \
+	    bash packaging/build-deb.sh $(PY) $(VERSION)+pkgtest1 $(WHEEL_CACHE) $$r; \
+	  else \
+	    bash packaging/build-in-root.sh $$r $(VERSION) $(WHEEL_CACHE); \
+	    bash packaging/build-in-root.sh $$r $(VERSION)+pkgtest1 $(WHEEL_CACHE); \
+	  fi; \
+	  $(MAKE) --no-print-directory lint-package RELEASE=$$r; \
+	done
+	VICIFAST_DEB="$(foreach r,$(TEST_RELEASES),$(call deb_file,$(VERSION),$(r)))" \
+	VICIFAST_DEB_NEWER="$(foreach r,$(TEST_RELEASES),$(call deb_file,$(VERSION)+pkgtest1,$(r)))" \
 	  $(PY) -m pytest -x -q -ra -p no:cacheprovider tests/package $(PYTEST_ARGS)

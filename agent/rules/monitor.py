@@ -522,6 +522,29 @@ def table_flags(table: str, family: int = NFPROTO_INET) -> int | None:
     return None
 
 
+# The shipped unit sets this to systemd's %b (the boot id): its ProcSubset=pid hides /proc/sys.
+BOOT_ID_ENV = "VICIFAST_BOOT_ID"
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot, as 32 lower-case hex digits.
+
+    From ``$VICIFAST_BOOT_ID`` when set (the unit passes systemd's ``%b``, which systemd read
+    from the same kernel file; the daemon's own ``/proc`` has no ``sys/`` under
+    ``ProcSubset=pid``), else from ``/proc/sys/kernel/random/boot_id``. Both spellings (with or
+    without dashes) give the same value, so a daemon started by hand and one started by the
+    unit agree. Raises OSError when neither gives a boot id.
+    """
+    given = os.environ.get(BOOT_ID_ENV)
+    raw = given if given is not None else Path(_BOOT_ID_FILE).read_text()
+    value = raw.strip().replace("-", "").lower()
+    if len(value) != 32 or value.strip("0123456789abcdef"):
+        source = BOOT_ID_ENV if given is not None else _BOOT_ID_FILE
+        raise OSError(errno.EINVAL, f"{source} holds no boot id")
+    return value
+
+
 def ruleset_fingerprint() -> int:
     """The calling thread's ruleset generation, qualified by boot and network namespace.
 
@@ -530,7 +553,7 @@ def ruleset_fingerprint() -> int:
     A 63-bit digest of boot id, namespace inode and generation: equal values mean the same
     ruleset history, at the same generation.
     """
-    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    boot = boot_id()
     netns = os.stat("/proc/thread-self/ns/net").st_ino
     digest = hashlib.blake2b(f"{boot}:{netns}:{generation()}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1

@@ -1,14 +1,14 @@
-"""A booted Debian 12 for the package test: a cached debootstrap root, booted by systemd-nspawn.
+"""A booted Debian for the package test: a cached debootstrap root, booted by systemd-nspawn.
 
-Owns the cached root (``/var/cache/vicifast-agent-test/bookworm-<hash>``: built once per
-package list, never modified afterwards) and each test run's container: an overlay of that root
-(so every run starts from the same clean system and leaves the cache untouched), booted with
-``systemd-nspawn --boot`` inside a network namespace the caller owns. Commands run in the
-container through ``nsenter`` into its init's namespaces, so they see the container's systemd,
-filesystem and network exactly as a sysadmin's shell would.
+Owns the cached roots (``/var/cache/vicifast-agent-test/<release>-<hash>``, one per Debian release
+the package is built for: built once per package list, never modified afterwards) and each test
+run's container: an overlay of that root (so every run starts from the same clean system and leaves
+the cache untouched), booted with ``systemd-nspawn --boot`` inside a network namespace the caller
+owns. Commands run in the container through ``nsenter`` into its init's namespaces, so they see the
+container's systemd, filesystem and network exactly as a sysadmin's shell would.
 
-It never touches the host's own network namespace, ruleset or units: PID 1 of this machine need
-not be systemd (``--register=no --keep-unit``: no machined, no transient scope).
+It never touches the host's own network namespace, ruleset or units: PID 1 of this machine need not
+be systemd (``--register=no --keep-unit``: no machined, no transient scope).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 CACHE = Path("/var/cache/vicifast-agent-test")
-SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 # Everything the package Depends on (and the tools the test uses inside), so `apt install
 # ./vicifast-agent_*.deb` in the container needs no network.
@@ -65,12 +64,13 @@ def missing_tools() -> str | None:
     return None
 
 
-def cached_root() -> Path:
-    """The Debian 12 root for ``PACKAGES``; made with debootstrap on first use (about a minute)."""
+def cached_root(release: str) -> Path:
+    """The root of Debian ``release`` (a codename) for ``PACKAGES``; made with debootstrap on
+    first use (about a minute)."""
     key = hashlib.sha256(
-        "\n".join(["v1", SUITE, MIRROR, "minbase", *sorted(PACKAGES)]).encode()
+        "\n".join(["v1", release, MIRROR, "minbase", *sorted(PACKAGES)]).encode()
     ).hexdigest()[:12]
-    root = CACHE / f"{SUITE}-{key}"
+    root = CACHE / f"{release}-{key}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with (CACHE / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once build it once
@@ -83,7 +83,7 @@ def cached_root() -> Path:
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(PACKAGES)}",
-                SUITE,
+                release,
                 str(partial),
                 MIRROR,
             ],

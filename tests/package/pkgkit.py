@@ -24,9 +24,17 @@ class Debs:
 
 @dataclass(frozen=True, slots=True)
 class System:
-    """A booted container with nothing of ours installed yet, its lab, and a dev PKI."""
+    """A booted container of Debian ``release`` (a codename) with nothing of ours installed yet,
+    its lab, a dev PKI, and the packages built for that release."""
 
     container: Container
     lab: Lab
     pki: DevMaterial
     debs: Debs
+    release: str
+
+
+def upstream_version(deb: Path) -> str:
+    """The agent's own version in a package: the package's version less the release suffix
+    (``0.1.0+pkgtest1~deb13u1`` holds agent 0.1.0+pkgtest1)."""
+    return deb.name.split("_")[1].split("~deb")[0]
