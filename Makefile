@@ -19,6 +19,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict on agent/"
 	@echo "make deb    - dist/vicifast-agent_<version>_amd64.deb (VERSION=... for another version)"
 	@echo "make test-package - build, lint and install/upgrade/purge the .deb in a booted Debian 12"
+	@echo "make test-vm - the kernel-facing checks in qemu VMs on Debian 12's and 13's own kernels"
 
 # Debian packages: installed only when one is missing, so a set-up machine never calls apt.
 .stamp-apt: Makefile
@@ -107,3 +108,22 @@ test-package: deb
 	$(MAKE) --no-print-directory lint-package
 	VICIFAST_DEB=$(DEB) VICIFAST_DEB_NEWER=dist/vicifast-agent_$(VERSION)+pkgtest1_$(DEB_ARCH).deb \
 	  $(PY) -m pytest -x -q -ra -p no:cacheprovider tests/package $(PYTEST_ARGS)
+
+# --- the releases' own kernels (issue 20): qemu VMs built from the Debian archive ---------------
+# Each release's base image (debootstrap + linux-image-amd64) is cached under
+# /var/cache/vicifast-agent-test/vm-*; one boot per release runs tests/vm/guest.py with its .deb.
+VM_APT_PKGS := qemu-system-x86 qemu-utils debootstrap e2fsprogs
+VM_DEBS     ?= bookworm=$(DEB)
+
+.PHONY: test-vm
+
+.stamp-apt-vm: Makefile
+	@missing=$$(for p in $(VM_APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+test-vm: deb .stamp-apt-vm
+	VICIFAST_VM_DEBS="$(VM_DEBS)" $(PY) -m pytest -q -ra -p no:cacheprovider tests/vm $(PYTEST_ARGS)
