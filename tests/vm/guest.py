@@ -234,6 +234,7 @@ class RulesetMonitor:
         self.process = subprocess.Popen(["nft", "monitor"], stdout=writer)
         os.close(writer)
         self.events: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.seen: list[str] = []  # every event looked at, for the verdict's detail
         threading.Thread(target=self._read, args=(reader,), daemon=True).start()
 
     def _read(self, reader: int) -> None:
@@ -252,6 +253,7 @@ class RulesetMonitor:
                 at, line = self.events.get(timeout=left)
             except queue.Empty:
                 return None
+            self.seen.append(line[:160])
             if matches(line):
                 return at
         return None
@@ -329,9 +331,14 @@ def checks(data: Path, results: Results) -> None:
     results.emit("revoked_flow_is_dropped", not still)
 
     with RulesetMonitor() as monitor:
-        ctl("allow", PHONE4, PHONE6, "--subject", "vm-check", "--ttl", "3600")
-        # The grant's own event proves the monitor listens before the flush.
-        granted = monitor.first(_adds_phone4, timeout_s=30.0)
+        # A grant's own event proves the monitor listens before the flush (under emulation
+        # `nft monitor` takes a while to subscribe: a grant before that is not seen; grant again).
+        granted = None
+        for _ in range(5):
+            ctl("allow", PHONE4, PHONE6, "--subject", "vm-check", "--ttl", "3600")
+            granted = monitor.first(_adds_phone4, timeout_s=10.0)
+            if granted is not None:
+                break
         run("nft", "flush", "ruleset", check=True)
         flushed = monitor.first(lambda line: line.startswith("delete table inet vicifast"), 30.0)
         restored = monitor.first(_adds_phone4, timeout_s=30.0)
@@ -340,7 +347,9 @@ def checks(data: Path, results: Results) -> None:
         "flush_ruleset_is_repaired_within_1s",
         granted is not None and took is not None and took <= REPAIR_BOUND_S,
         seconds=None if took is None else round(took, 3),
+        seen={"granted": granted, "flushed": flushed, "restored": restored},
         still_listed=expires_s(PHONE4) is not None,
+        monitor_tail=monitor.seen[-12:],
     )
 
     stream = subprocess.Popen(
