@@ -218,7 +218,9 @@ def flow_count(address: str) -> int:
 
 
 def _adds_phone4(line: str) -> bool:
-    return line.startswith("add element inet vicifast allow4_agent") and f" {PHONE4} " in line
+    # The agent adds with "create" (an element already there is an error, never a silent keep).
+    verbs = ("add element inet vicifast allow4_agent", "create element inet vicifast allow4_agent")
+    return line.startswith(verbs) and f" {PHONE4} " in line
 
 
 class RulesetMonitor:
