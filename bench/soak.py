@@ -10,7 +10,7 @@ performance figures.
 
 A scenario is added with one line in ``SCENARIOS``: ``"name": "module:function"``, where the
 function takes no argument and returns ``dict[str, float]`` (e.g. ``bench/soak_restarts.py``'s
-``scenario``). A module that is missing (not merged yet) is reported as skipped.
+``scenario``, here as ``kill_restarts``). A module that is missing is reported as skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ SCENARIOS: dict[str, str] = {
     "idle_connections": "bench.soak:idle_connections",
     "watchers": "bench.soak:watchers",
     "non_reading_watcher": "bench.soak:non_reading_watcher",
+    "kill_restarts": "bench.soak_restarts:scenario",
 }
 
 Scenario = Callable[[], dict[str, float]]
