@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -31,6 +31,7 @@ from agent.metrics.collectors import (
     CertificateExpiry,
     DropCollector,
     MemoryLimitCollector,
+    ProcessFigures,
     StateCollector,
 )
 from agent.metrics.http import MetricsListener
@@ -66,7 +67,7 @@ def build_registry(
     ):
         registry.register(collector)
     # process_resident_memory_bytes, process_open_fds, process_max_fds, ... of this process
-    ProcessCollector(registry=registry)
+    ProcessFigures(registry=registry)
     return registry, state, drops, certificates
 
 
