@@ -8,6 +8,7 @@ machine and FAILS with ``CI=true``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -99,6 +100,13 @@ def _boot(release: str, deb: Path) -> GuestRun:
         image = base_image(release)
         (scratch / "pki").mkdir()
         run = boot(image, guest_files(deb, scratch / "pki"), scratch)
+        # Kept for reading after the run (what each kernel did: features, timings, journal).
+        kept = Path("build/vm")
+        kept.mkdir(parents=True, exist_ok=True)
+        (kept / f"{release}-results.jsonl").write_text(
+            "".join(json.dumps(c, sort_keys=True) + "\n" for c in run.checks.values())
+        )
+        (kept / f"{release}-console.log").write_text(run.console)
         if "done" not in run.checks:
             raise VmError(f"the {release} checks did not finish; console:\n{run.console_tail()}")
         return run
