@@ -422,7 +422,8 @@ class ConnectionGate:
         self._observer.handshake_failed(reason)
         self._log.emit(
             logging.INFO,
-            "handshake",
+            # A budget per reason: a flood of refused handshakes does not hide the timeouts.
+            f"handshake:{reason}",
             "api: TLS handshake %s",
             "timed out" if reason == "handshake_timeout" else "refused",
             fields={"REASON": reason},
