@@ -111,7 +111,6 @@ class FlowCutter:
         self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()  # ends a rest at once
-        self.last_progress = time.monotonic()
         # Totals since start, read by the metrics (only the cutter thread adds).
         self.flows_cut = 0
         self.failures = 0
@@ -195,7 +194,6 @@ class FlowCutter:
 
     def _idle_beat(self) -> None:
         """No cut queued: the loop's turn is the fault-injection checkpoint and a beat."""
-        self.last_progress = time.monotonic()
         if self.supervision is not None:
             pause = self.supervision.guarded(LOOP, lambda: None)
             if pause:
@@ -221,7 +219,6 @@ class FlowCutter:
             self.failures += result.failed
             self.spared += result.spared
         finally:
-            self.last_progress = time.monotonic()
             with self._lock:
                 self._outstanding -= batch.cuts
                 if not self._outstanding:
